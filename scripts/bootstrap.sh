@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Create (or complete) the project's virtual environment: torch, Detectron2, tbd with dev extras.
+# Idempotent: every step checks first and does nothing when already done.
+set -euo pipefail
+VENV="${1:-.venv}"
+PYTHON="${PYTHON:-python3}"
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating virtual environment in $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check -q)
+
+if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
+  case "$(uname -m)" in
+    aarch64|arm64) TORCH_SPEC="${TORCH_SPEC:-torch==2.9.1 torchvision==0.24.1}" ;;
+    *) TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}" ;;
+  esac
+  echo "[bootstrap] installing $TORCH_SPEC (a few GB, about a minute from a local cache)"
+  # shellcheck disable=SC2086
+  "${PIP[@]}" install $TORCH_SPEC
+fi
+
+# Detectron2 0.6's model_zoo imports pkg_resources, which setuptools 81 removed.
+"${PIP[@]}" install 'setuptools<81' wheel
+
+if ! "$PY" -c "import detectron2" >/dev/null 2>&1; then
+  "$PY" "$HERE/scripts/install_detectron2.py"
+fi
+
+if ! "$PY" -c "import tbd" >/dev/null 2>&1 || [ "$HERE/pyproject.toml" -nt "$VENV/.tbd-installed" ]; then
+  echo "[bootstrap] installing tbd (editable) with dev extras"
+  "${PIP[@]}" install -e "$HERE[dev]"
+  touch "$VENV/.tbd-installed"
+fi
+echo "[bootstrap] environment ready: $VENV"

@@ -1,0 +1,29 @@
+"""tbd: Task-Balanced Distillation for Detectron2 object detectors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tbd import compat
+
+__version__ = "0.1.0"
+
+compat.apply()
+
+_LAZY = {
+    "add_tbd_config": ("tbd.config", "add_tbd_config"),
+    "get_cfg": ("tbd.config", "get_cfg"),
+    "TBDistiller": ("tbd.distill.distiller", "TBDistiller"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'tbd' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "compat", *_LAZY]

@@ -1,0 +1,81 @@
+"""The project's Detectron2 config: Detectron2's defaults plus every ``add_*_config`` of tbd."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg as d2_get_cfg
+
+import tbd  # noqa: F401  (applies the compatibility shims first)
+
+#: repository root (configs/ and teachers/ live beside the package)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+
+def add_data_config(cfg: CN) -> None:
+    """``TBD.*``: where the embedded dataset is cached and how large it is."""
+    cfg.TBD = CN()
+    cfg.TBD.DATA_DIR = ""  # empty: $TBD_DATA_DIR or ~/.cache/tbd
+    cfg.TBD.NUM_TRAIN_IMAGES = 2000
+    cfg.TBD.NUM_VAL_IMAGES = 200
+    cfg.TBD.IMAGE_SIZE = 128
+
+
+def _extensions() -> list[Callable[[CN], None]]:
+    """Every ``add_*_config`` of the project, in a fixed order."""
+    from tbd.modeling.fcos import add_fcos_config
+
+    found: list[Callable[[CN], None]] = [add_data_config, add_fcos_config]
+    for module, name in (
+        ("tbd.modeling.tal", "add_tal_config"),
+        ("tbd.modeling.dw", "add_dw_config"),
+        ("tbd.distill.config", "add_tbd_config"),
+    ):
+        try:
+            mod = __import__(module, fromlist=[name])
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+            continue
+        found.append(getattr(mod, name))
+    return found
+
+
+def add_all_config(cfg: CN) -> CN:
+    for add in _extensions():
+        add(cfg)
+    return cfg
+
+
+def get_cfg() -> CN:
+    """Detectron2's default config with all tbd keys added (and every tbd model registered)."""
+    import tbd.modeling  # noqa: F401  (registers the meta-architectures)
+
+    return add_all_config(d2_get_cfg())
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given, or relative to the project's ``configs/`` directory."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    candidate = CONFIG_DIR / p
+    if candidate.is_file():
+        return candidate
+    if not p.suffix and (CONFIG_DIR / f"{p}.yaml").is_file():
+        return CONFIG_DIR / f"{p}.yaml"
+    raise FileNotFoundError(
+        f"config file {str(path)!r} not found (looked at it as given and under {CONFIG_DIR}); "
+        "pass a path to a Detectron2 YAML config"
+    )
+
+
+def load_config(path: str | Path, opts: list[str] | None = None) -> CN:
+    cfg = get_cfg()
+    cfg.merge_from_file(str(resolve_config_path(path)))
+    if opts:
+        cfg.merge_from_list(opts)
+    return cfg

@@ -1,0 +1,132 @@
+"""Box geometry shared by every head and loss in tbd (one implementation of each).
+
+Boxes are ``(x1, y1, x2, y2)`` in absolute pixels. Every function broadcasts over leading batch
+dimensions, so a whole batch (images x GTs x points) is handled without Python loops.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+_EPS = 1e-7
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area of ``[..., 4]`` boxes; degenerate (inverted) boxes have area 0."""
+    wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
+def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of every box in ``a [..., N, 4]`` with every box in ``b [..., M, 4]`` -> ``[..., N, M]``.
+
+    Degenerate boxes give IoU 0, never NaN.
+    """
+    area_a = box_area(a)[..., :, None]
+    area_b = box_area(b)[..., None, :]
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a + area_b - inter
+    return inter / union.clamp(min=_EPS)
+
+
+def aligned_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Element-wise IoU of matching boxes ``[..., 4]`` -> ``[...]``."""
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = box_area(a) + box_area(b) - inter
+    return inter / union.clamp(min=_EPS)
+
+
+def aligned_giou(a: Tensor, b: Tensor) -> Tensor:
+    """Element-wise generalised IoU of matching boxes, in ``[-1, 1]``."""
+    iou = aligned_iou(a, b)
+    lt = torch.minimum(a[..., :2], b[..., :2])
+    rb = torch.maximum(a[..., 2:], b[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    hull = wh[..., 0] * wh[..., 1]
+    lt_i = torch.maximum(a[..., :2], b[..., :2])
+    rb_i = torch.minimum(a[..., 2:], b[..., 2:])
+    wh_i = (rb_i - lt_i).clamp(min=0)
+    inter = wh_i[..., 0] * wh_i[..., 1]
+    union = box_area(a) + box_area(b) - inter
+    return iou - (hull - union) / hull.clamp(min=_EPS)
+
+
+def giou_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-box GIoU loss ``1 - GIoU`` (no reduction), in ``[0, 2]``."""
+    return 1.0 - aligned_giou(pred, target)
+
+
+def ltrb_decode(points: Tensor, ltrb: Tensor) -> Tensor:
+    """Boxes from points ``[..., 2]`` and non-negative side distances ``[..., 4]``."""
+    return torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)
+
+
+def ltrb_encode(points: Tensor, boxes: Tensor) -> Tensor:
+    """Side distances (left, top, right, bottom) from points to boxes; negative when outside."""
+    return torch.cat([points - boxes[..., :2], boxes[..., 2:] - points], dim=-1)
+
+
+def points_in_boxes(points: Tensor, boxes: Tensor, eps: float = 1e-9) -> Tensor:
+    """``[..., P, G]`` mask: point ``p`` lies strictly inside box ``g``.
+
+    ``points`` is ``[P, 2]`` or ``[..., P, 2]``; ``boxes`` is ``[..., G, 4]``.
+    """
+    deltas = ltrb_encode(points[..., :, None, :], boxes[..., None, :, :])
+    return deltas.min(dim=-1).values > eps
+
+
+def box_centers(boxes: Tensor) -> Tensor:
+    return (boxes[..., :2] + boxes[..., 2:]) * 0.5
+
+
+def grid_points(
+    sizes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    offset: float = 0.5,
+) -> list[Tensor]:
+    """Centres of every location of each feature map, ``[H*W, 2]`` per level in ``(x, y)``.
+
+    Location ``(i, j)`` of a map with stride ``s`` sits at ``((j + offset) * s, (i + offset) * s)``,
+    row-major, matching ``feature.flatten(2)``.
+    """
+    out = []
+    for (h, w), s in zip(sizes, strides):
+        ys = (torch.arange(h, device=device, dtype=dtype) + offset) * s
+        xs = (torch.arange(w, device=device, dtype=dtype) + offset) * s
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        out.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1))
+    return out
+
+
+def pad_boxes(
+    boxes_per_image: Sequence[Tensor], labels_per_image: Sequence[Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack variable-length GT lists into padded tensors.
+
+    Returns ``boxes [B, G, 4]``, ``labels [B, G]`` (-1 where padded) and ``mask [B, G]``.
+    ``G`` is the largest GT count (at least 1, so shapes stay valid for empty batches).
+    """
+    batch = len(boxes_per_image)
+    g = max([1] + [int(b.shape[0]) for b in boxes_per_image])
+    ref = boxes_per_image[0] if batch else torch.zeros(0, 4)
+    boxes = ref.new_zeros((batch, g, 4))
+    labels = torch.full((batch, g), -1, dtype=torch.long, device=ref.device)
+    mask = torch.zeros((batch, g), dtype=torch.bool, device=ref.device)
+    for i, b in enumerate(boxes_per_image):  # one copy per image, not per box
+        n = int(b.shape[0])
+        boxes[i, :n] = b
+        mask[i, :n] = True
+        if labels_per_image is not None:
+            labels[i, :n] = labels_per_image[i]
+    return boxes, labels, mask
