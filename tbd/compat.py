@@ -85,13 +85,16 @@ _NUMPY_ALIASES = {"int": int, "float": float, "bool": bool, "str": str, "object"
 def _shim_numpy() -> None:
     # Reason: NumPy 1.24/2.0 removed np.int, np.float, np.bool, np.str, np.object, which
     # Detectron2 0.6 uses (e.g. the class histogram built with every training data loader).
+    import warnings
+
     import numpy as np
 
     added = []
     for name, value in _NUMPY_ALIASES.items():
-        try:
-            getattr(np, name)
-        except AttributeError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            present = hasattr(np, name)
+        if not present:
             setattr(np, name, value)
             added.append(name)
     if added:
@@ -115,35 +118,6 @@ def _shim_coco_fast_eval() -> None:
     __init__._tbd_shim = True  # type: ignore[attr-defined]
     coco_evaluation.COCOEvaluator.__init__ = __init__  # type: ignore[method-assign]
     APPLIED.append("coco_pycocotools")
-
-
-def _torch_load_defaults_to_weights_only() -> bool:
-    import torch
-
-    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    return version >= (2, 6)
-
-
-def _shim_checkpoint_loading() -> None:
-    # Reason: torch 2.6 made torch.load(weights_only=True) the default, which refuses the
-    # optimizer/scheduler objects that Detectron2 checkpoints (and resumable runs) contain.
-    if not _torch_load_defaults_to_weights_only():
-        return
-    import torch
-    from fvcore.common.checkpoint import Checkpointer
-
-    original = Checkpointer._load_file
-    if getattr(original, "_tbd_shim", False):
-        return
-
-    def _load_file(self: Any, f: str) -> Any:
-        if f.endswith(".pkl"):
-            return original(self, f)
-        return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
-
-    _load_file._tbd_shim = True  # type: ignore[attr-defined]
-    Checkpointer._load_file = _load_file  # type: ignore[method-assign]
-    APPLIED.append("checkpoint_weights_only")
 
 
 def _cpu_distributed_worker(
@@ -226,7 +200,6 @@ def apply() -> list[str]:
     _shim_pillow()
     _shim_numpy()
     _shim_coco_fast_eval()
-    _shim_checkpoint_loading()
     _shim_cpu_launch()
     _shim_head_norm_probe()
     if APPLIED:

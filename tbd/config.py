@@ -15,20 +15,24 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
-def add_data_config(cfg: CN) -> None:
-    """``TBD.*``: where the embedded dataset is cached and how large it is."""
+def add_project_config(cfg: CN) -> None:
+    """``TBD.*``: the embedded dataset's cache and size, and training-engine guards."""
     cfg.TBD = CN()
     cfg.TBD.DATA_DIR = ""  # empty: $TBD_DATA_DIR or ~/.cache/tbd
     cfg.TBD.NUM_TRAIN_IMAGES = 2000
     cfg.TBD.NUM_VAL_IMAGES = 200
     cfg.TBD.IMAGE_SIZE = 128
+    # consecutive steps with a non-finite loss/gradient that are skipped before training stops
+    cfg.TBD.MAX_NONFINITE_STEPS = 5
+    # iterations between two progress lines (or live-bar refreshes)
+    cfg.TBD.PROGRESS_PERIOD = 20
 
 
 def _extensions() -> list[Callable[[CN], None]]:
     """Every ``add_*_config`` of the project, in a fixed order."""
     from tbd.modeling.fcos import add_fcos_config
 
-    found: list[Callable[[CN], None]] = [add_data_config, add_fcos_config]
+    found: list[Callable[[CN], None]] = [add_project_config, add_fcos_config]
     for module, name in (
         ("tbd.modeling.tal", "add_tal_config"),
         ("tbd.modeling.dw", "add_dw_config"),

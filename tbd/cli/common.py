@@ -1,0 +1,199 @@
+"""Pieces shared by the ``tbd`` subcommands: arguments, configs, output directories, launch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from detectron2.config import CfgNode
+from rich.console import Console
+
+console = Console()
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed without a traceback."""
+
+
+# --- arguments ----------------------------------------------------------------------------
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset (default: the embedded tbd_shapes dataset)")
+    g.add_argument(
+        "--dataset",
+        help="a registered Detectron2 dataset, e.g. coco_2017 (uses coco_2017_train / coco_2017_val)",
+    )
+    g.add_argument("--train-json", help="your own COCO-format training annotations")
+    g.add_argument("--train-images", help="image directory for --train-json")
+    g.add_argument("--val-json", help="your own COCO-format validation annotations")
+    g.add_argument("--val-images", help="image directory for --val-json")
+    g.add_argument("--data-dir", help="cache directory of the embedded dataset (default $TBD_DATA_DIR)")
+
+
+def add_output_args(p: argparse.ArgumentParser, default: str) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--output", "-o", default=default, help=f"output directory (default: {default})")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output where it stopped")
+    g.add_argument(
+        "--overwrite", action="store_true", help="delete a previous run in --output and start again"
+    )
+
+
+def add_schedule_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("schedule (defaults come from the config)")
+    g.add_argument("--iters", type=int, help="training iterations (SOLVER.MAX_ITER)")
+    g.add_argument("--batch-size", type=int, help="images per batch over all processes")
+    g.add_argument("--lr", type=float, help="base learning rate")
+    g.add_argument("--eval-period", type=int, help="evaluate every N iterations (0: only at the end)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (data order and init)")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distributed (detectron2.engine.launch)")
+    g.add_argument("--num-gpus", type=int, default=1, help="processes per machine (GPUs, or CPU workers)")
+    g.add_argument("--num-machines", type=int, default=1)
+    g.add_argument("--machine-rank", type=int, default=0)
+    g.add_argument("--dist-url", default="auto", help="e.g. tcp://10.0.0.1:29500; auto on one machine")
+
+
+def add_opts_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        metavar="KEY VALUE",
+        help="Detectron2 config overrides, e.g. SOLVER.BASE_LR 0.02",
+    )
+
+
+# --- datasets and configs ------------------------------------------------------------------
+def resolve_datasets(args: argparse.Namespace) -> tuple[str, str]:
+    """Register what the user named (again in each spawned worker) and return (train, test)."""
+    import os
+
+    from tbd.data import resolve_datasets as _resolve
+
+    if getattr(args, "data_dir", None):
+        os.environ["TBD_DATA_DIR"] = str(args.data_dir)
+    try:
+        return _resolve(
+            getattr(args, "dataset", None),
+            train_json=getattr(args, "train_json", None),
+            train_images=getattr(args, "train_images", None),
+            val_json=getattr(args, "val_json", None),
+            val_images=getattr(args, "val_images", None),
+        )
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise UsageError(str(err)) from err
+
+
+def set_num_classes(cfg: CfgNode, num_classes: int) -> None:
+    """Set the class count of every head family that the config knows."""
+    for section in ("RETINANET", "ROI_HEADS", "FCOS", "TOOD", "ETHEAD", "DW", "SEM_SEG_HEAD"):
+        node = cfg.MODEL.get(section)
+        if node is not None and "NUM_CLASSES" in node:
+            node.NUM_CLASSES = num_classes
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return name
+
+
+def apply_common(cfg: CfgNode, args: argparse.Namespace, train: str, test: str) -> CfgNode:
+    """Datasets, class count, device, schedule flags and trailing KEY VALUE overrides."""
+    from tbd.data import num_classes
+
+    cfg.DATASETS.TRAIN = (train,)
+    cfg.DATASETS.TEST = (test,)
+    set_num_classes(cfg, num_classes(test))
+    cfg.MODEL.DEVICE = pick_device(getattr(args, "device", "auto"))
+    if getattr(args, "data_dir", None):
+        cfg.TBD.DATA_DIR = args.data_dir
+    iters = getattr(args, "iters", None)
+    if iters:
+        old = cfg.SOLVER.MAX_ITER
+        cfg.SOLVER.MAX_ITER = iters
+        cfg.SOLVER.STEPS = tuple(int(s * iters / old) for s in cfg.SOLVER.STEPS if s < old)
+        cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
+        cfg.SOLVER.CHECKPOINT_PERIOD = min(cfg.SOLVER.CHECKPOINT_PERIOD, iters)
+        if cfg.TEST.EVAL_PERIOD > iters:
+            cfg.TEST.EVAL_PERIOD = 0
+    if getattr(args, "batch_size", None):
+        cfg.SOLVER.IMS_PER_BATCH = args.batch_size
+    if getattr(args, "lr", None):
+        cfg.SOLVER.BASE_LR = args.lr
+    if getattr(args, "eval_period", None) is not None:
+        cfg.TEST.EVAL_PERIOD = args.eval_period
+    if getattr(args, "seed", None) is not None:
+        cfg.SEED = args.seed
+    opts = [o for o in (getattr(args, "opts", None) or []) if o != "--"]
+    if opts:
+        if len(opts) % 2:
+            raise UsageError(f"config overrides come in KEY VALUE pairs; got {opts}")
+        try:
+            cfg.merge_from_list(opts)
+        except (KeyError, AssertionError, ValueError) as err:
+            raise UsageError(f"bad config override: {err}") from err
+    return cfg
+
+
+# --- output directories --------------------------------------------------------------------
+FINISHED_MARKER = "model_final.pth"
+
+
+def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool) -> Path:
+    """Create ``path``; refuse to mix runs unless the user said ``--resume`` or ``--overwrite``."""
+    out = Path(path)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one")
+    has_run = out.is_dir() and any(
+        (out / name).exists() for name in (FINISHED_MARKER, "last_checkpoint", "metrics.json")
+    )
+    if has_run and overwrite:
+        shutil.rmtree(out)
+    elif has_run and not resume:
+        finished = (out / FINISHED_MARKER).exists()
+        what = "a finished run" if finished else "an unfinished run"
+        raise UsageError(
+            f"{out} already holds {what}. Pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --output"
+        )
+    elif resume and not (out / "last_checkpoint").exists():
+        raise UsageError(f"--resume: {out} has no checkpoint to resume from (no last_checkpoint file)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def setup_logging(output_dir: Path, quiet_console: bool = True) -> None:
+    """Detectron2's logger into ``output_dir/log.txt``; only warnings on the console."""
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
+
+    rank = comm.get_rank()
+    for name in ("detectron2", "fvcore", "tbd"):
+        logger = setup_logger(output=str(output_dir), distributed_rank=rank, name=name, abbrev_name=name[:3])
+        if quiet_console:
+            for h in logger.handlers:
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    h.setLevel(logging.WARNING)
+
+
+def launch_workers(main: Callable[..., Any], args: argparse.Namespace, *fn_args: Any) -> None:
+    """Run ``main(*fn_args)`` once, or in several processes via ``detectron2.engine.launch``."""
+    from detectron2.engine import launch
+
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=fn_args,
+    )

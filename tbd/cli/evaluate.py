@@ -1,0 +1,85 @@
+"""``tbd eval``: COCO evaluation of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from tbd.cli import common
+from tbd.cli.common import UsageError, console
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="COCO evaluation of a checkpoint",
+        description=(
+            "Evaluate a checkpoint with Detectron2's COCOEvaluator (pycocotools). Give --run (a "
+            "directory written by tbd train/distill: its config.yaml and last checkpoint) or "
+            "--config and --weights."
+        ),
+    )
+    p.add_argument("--run", help="a run directory (uses its config.yaml and model_final/last checkpoint)")
+    p.add_argument("--config", help="Detectron2 config (path, or a name under configs/)")
+    p.add_argument("--weights", help="checkpoint (.pth / .pkl)")
+    p.add_argument("--output", "-o", help="where to write results.json (default: beside the weights)")
+    common.add_dataset_args(p)
+    p.add_argument("--device", default="auto")
+    common.add_opts_arg(p)
+    p.set_defaults(func=run)
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(config, weights) from --run or --config/--weights, with clear errors."""
+    if args.run:
+        run_dir = Path(args.run)
+        cfg_path = run_dir / "config.yaml"
+        if not cfg_path.is_file():
+            raise UsageError(f"{run_dir} is not a tbd run directory (no config.yaml)")
+        weights = run_dir / "model_final.pth"
+        if not weights.is_file():
+            last = run_dir / "last_checkpoint"
+            if not last.is_file():
+                raise UsageError(f"{run_dir} has no checkpoint (no model_final.pth or last_checkpoint)")
+            weights = run_dir / last.read_text().strip()
+        return Path(args.config) if args.config else cfg_path, Path(args.weights) if args.weights else weights
+    if not (args.config and args.weights):
+        raise UsageError("pass --run DIR, or both --config and --weights")
+    weights = Path(args.weights)
+    if not weights.is_file():
+        raise UsageError(f"weights file {weights} does not exist")
+    return Path(args.config), weights
+
+
+def evaluate(cfg_path: Path, weights: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from tbd.config import load_config
+    from tbd.engine.trainer import Trainer
+
+    dataset_given = any(getattr(args, k, None) for k in ("dataset", "train_json", "val_json"))
+    cfg = load_config(cfg_path)
+    train, test = common.resolve_datasets(args) if dataset_given else (None, None)
+    if not dataset_given:
+        common.resolve_datasets(args)  # registers the embedded dataset (the config's default)
+        train, test = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
+    common.apply_common(cfg, args, train, test)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(str(weights))
+    return dict(Trainer.test(cfg, model))
+
+
+def run(args: argparse.Namespace) -> int:
+    from tbd.cli.train import print_results
+
+    cfg_path, weights = resolve_run(args)
+    results = evaluate(cfg_path, weights, args)
+    print_results(results, f"{weights}")
+    out = Path(args.output) if args.output else weights.parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_results.json").write_text(json.dumps(results, indent=2))
+    console.print(f"results written to {out / 'eval_results.json'}")
+    return 0

@@ -1,0 +1,119 @@
+"""``tbd train``: train one plain Detectron2 model (a student, a teacher or any config)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from detectron2.config import CfgNode
+from detectron2.utils import comm
+
+from tbd.cli import common
+from tbd.cli.common import UsageError, console
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a plain Detectron2 model (no distillation)",
+        description=(
+            "Train one Detectron2 model with tbd's trainer: rich progress, periodic COCO evaluation, "
+            "atomic checkpoints, metrics.json and TensorBoard events in --output. MODEL is a student "
+            "(r18, r34, r50 with --head), a teacher name from `tbd teachers`, or a config file."
+        ),
+    )
+    p.add_argument("--model", "-m", default="r18", help="student, teacher name or config path (default r18)")
+    p.add_argument(
+        "--head",
+        default="retinanet",
+        help="head for a student name: retinanet (default here), fcos, tal, et, dw, faster_rcnn",
+    )
+    p.add_argument("--weights", help="initial weights (a checkpoint path); default: from scratch")
+    common.add_dataset_args(p)
+    common.add_output_args(p, default="runs/train")
+    common.add_schedule_args(p)
+    common.add_launch_args(p)
+    common.add_opts_arg(p)
+    p.set_defaults(func=run)
+
+
+def build_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
+    from tbd.config import load_config
+    from tbd.registry import RegistryError, dataset_key, resolve_model
+
+    try:
+        spec = resolve_model(args.model, args.head, dataset_key(train))
+    except RegistryError as err:
+        raise UsageError(str(err)) from err
+    cfg = load_config(spec.config, spec.opts)
+    common.apply_common(cfg, args, train, test)
+    cfg.MODEL.WEIGHTS = args.weights or ""
+    cfg.OUTPUT_DIR = str(args.output)
+    return cfg
+
+
+def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
+    """Runs in every process: register the data, train, evaluate; returns the final results."""
+    from tbd.engine.trainer import Trainer, TrainingInterrupted
+
+    common.resolve_datasets(args)
+    common.setup_logging(Path(cfg.OUTPUT_DIR))
+    trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False))
+    trainer.resume_or_load(resume=args.resume)
+    try:
+        results = trainer.train() or {}
+    except TrainingInterrupted as stop:
+        if comm.is_main_process():
+            console.print(
+                f"[yellow]Stopped after iteration {stop.iteration + 1}; checkpoint {stop.checkpoint}. "
+                "Run the same command with --resume to continue.[/]"
+            )
+        raise SystemExit(130) from None
+    return dict(results)
+
+
+def print_results(results: dict[str, Any], title: str) -> None:
+    from rich.table import Table
+
+    bbox = results.get("bbox", {})
+    if not bbox:
+        return
+    table = Table(title=title)
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{bbox.get(k, float('nan')):.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+    console.print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    train, test = common.resolve_datasets(args)
+    out = common.prepare_output_dir(args.output, args.resume, args.overwrite)
+    cfg = build_train_cfg(args, train, test)
+    (out / "config.yaml").write_text(cfg.dump())
+    console.print(
+        f"[bold]tbd train[/] {args.model} on {train} -> {out}  "
+        f"({cfg.SOLVER.MAX_ITER} iterations, batch {cfg.SOLVER.IMS_PER_BATCH}, {cfg.MODEL.DEVICE})"
+    )
+    if args.num_gpus * args.num_machines > 1:
+        common.launch_workers(train_worker, args, cfg, args)
+        results = _read_final_results(out)
+    else:
+        results = train_worker(cfg, args)
+    print_results(results, f"{args.model} on {test}")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _read_final_results(out: Path) -> dict[str, Any]:
+    """Final evaluation as the main process wrote it to metrics.json (multi-process runs)."""
+    metrics = out / "metrics.json"
+    if not metrics.exists():
+        return {}
+    last: dict[str, Any] = {}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if any(k.startswith("bbox/") for k in row):
+            last = row
+    return {"bbox": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("bbox/")}}

@@ -1,0 +1,254 @@
+"""tbd's trainer: Detectron2's DefaultTrainer with the guarantees a long CPU/GPU run needs.
+
+- checkpoints are written atomically and never with NaN weights;
+- a step whose loss or gradients are not finite is skipped and counted; after
+  ``TBD.MAX_NONFINITE_STEPS`` in a row training stops with a clear message;
+- Ctrl-C / SIGTERM finishes the current step, saves a checkpoint and stops; ``resume_or_load``
+  continues with the same iteration, optimizer, scheduler and position in the data stream;
+- rich progress on the terminal; ``metrics.json`` and TensorBoard events in ``OUTPUT_DIR``;
+- COCO evaluation through pycocotools when Detectron2's C++ evaluator is absent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_train_loader
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
+
+from tbd import compat
+from tbd.engine.checkpoint import AtomicDetectionCheckpointer
+from tbd.engine.progress import RichProgressHook
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced too many non-finite steps in a row."""
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a signal-triggered checkpoint, to leave the training loop cleanly."""
+
+    def __init__(self, iteration: int, checkpoint: str) -> None:
+        super().__init__(f"interrupted after iteration {iteration}; saved {checkpoint}")
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+
+
+class ResumableTrainingSampler(TrainingSampler):
+    """Detectron2's infinite shuffled sampler that can start part-way into its stream.
+
+    With the same seed, skipping ``start`` indices reproduces exactly the images a run that was
+    not interrupted would have seen next.
+    """
+
+    def __init__(self, size: int, shuffle: bool = True, seed: int | None = None, start: int = 0) -> None:
+        super().__init__(size, shuffle=shuffle, seed=seed)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        yield from itertools.islice(self._infinite_indices(), self.start + self._rank, None, self._world_size)
+
+
+class GuardedTrainer(SimpleTrainer):
+    """SimpleTrainer that skips (and reports) steps with a non-finite loss or gradient."""
+
+    def __init__(self, model: Any, data_loader: Any, optimizer: Any, max_nonfinite: int = 5) -> None:
+        super().__init__(model, data_loader, optimizer)
+        self.max_nonfinite = max_nonfinite
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+
+    def _skip(self, reason: str) -> None:
+        self.optimizer.zero_grad()
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        storage = get_event_storage()
+        storage.put_scalar("nonfinite_steps", self.nonfinite_total, smoothing_hint=False)
+        logger.warning(
+            "iteration %d: %s; step skipped (%d in a row, %d in total)",
+            self.iter,
+            reason,
+            self.nonfinite_streak,
+            self.nonfinite_total,
+        )
+        if self.nonfinite_streak >= self.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} training steps in a row had a non-finite loss or gradient "
+                f"(last: {reason}). Lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS, or check the "
+                "data; the last good checkpoint is kept."
+            )
+
+    def run_step(self) -> None:
+        assert self.model.training, "[GuardedTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            loss_dict = {"total_loss": loss_dict}
+        losses = sum(loss_dict.values())
+        if not bool(torch.isfinite(losses)):
+            bad = [k for k, v in loss_dict.items() if not bool(torch.isfinite(v))]
+            self._skip(f"non-finite loss in {', '.join(bad)}")
+            return
+
+        self.optimizer.zero_grad()
+        losses.backward()
+        grads = [
+            p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self._skip("non-finite gradient")
+            return
+        self.nonfinite_streak = 0
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
+class _StopOnSignal(HookBase):
+    """Turns SIGINT/SIGTERM into "finish this step, save, stop". A second Ctrl-C aborts at once."""
+
+    def __init__(self, checkpointer: AtomicDetectionCheckpointer) -> None:
+        self.checkpointer = checkpointer
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint after this step", self.requested)
+
+    def before_train(self) -> None:
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread (e.g. some launchers): keep default behaviour
+            self._previous.clear()
+
+    def after_step(self) -> None:
+        stop = self.requested is not None
+        if comm.get_world_size() > 1:
+            flag = torch.tensor([1.0 if stop else 0.0])
+            flag = comm.all_gather(flag)
+            stop = any(float(f) > 0 for f in flag)
+        if not stop:
+            return
+        it = self.trainer.iter
+        name = f"model_{it:07d}"
+        if comm.is_main_process():
+            self.checkpointer.save(name, iteration=it)
+        comm.synchronize()
+        raise TrainingInterrupted(it, os.path.join(self.checkpointer.save_dir, name + ".pth"))
+
+    def after_train(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with atomic checkpoints, NaN guards, exact resume and rich progress."""
+
+    def __init__(self, cfg: CfgNode, progress: bool = True) -> None:
+        self._show_progress = progress
+        super().__init__(cfg)
+        model = self._trainer.model
+        data_loader = self._trainer.data_loader
+        optimizer = self._trainer.optimizer
+        if not cfg.SOLVER.AMP.ENABLED:
+            self._trainer = GuardedTrainer(
+                model, data_loader, optimizer, max_nonfinite=cfg.TBD.MAX_NONFINITE_STEPS
+            )
+
+    # --- builders -------------------------------------------------------------------------
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode) -> Any:
+        from detectron2.data.build import get_detection_dataset_dicts
+
+        dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=0,
+            proposal_files=None,
+        )
+        seed = cfg.SEED if cfg.SEED >= 0 else 0
+        sampler = ResumableTrainingSampler(len(dicts), seed=seed)
+        return build_detection_train_loader(cfg, dataset=dicts, sampler=sampler)
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> Any:
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=compat.has_compiled_ops())
+
+    def build_writers(self) -> list[Any]:
+        writers: list[Any] = [
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+            TensorboardXWriter(self.cfg.OUTPUT_DIR),
+        ]
+        if not self._show_progress:
+            from detectron2.utils.events import CommonMetricPrinter
+
+            writers.insert(0, CommonMetricPrinter(self.max_iter))
+        return writers
+
+    def build_hooks(self) -> list[HookBase]:
+        cfg = self.cfg
+        self.checkpointer = AtomicDetectionCheckpointer(
+            self._trainer.model,
+            cfg.OUTPUT_DIR,
+            optimizer=self._trainer.optimizer,
+            scheduler=self.scheduler,
+        )
+        built = super().build_hooks()
+        self._stop_hook = _StopOnSignal(self.checkpointer)
+        extra: list[HookBase] = [self._stop_hook]
+        if self._show_progress and comm.is_main_process():
+            extra.append(RichProgressHook(self.max_iter, period=cfg.TBD.PROGRESS_PERIOD))
+        # last: a signal-triggered save sees the scheduler and metrics of the finished step
+        return built + extra[::-1]
+
+    # --- resume -------------------------------------------------------------------------
+    def resume_or_load(self, resume: bool = True) -> None:
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:
+            self._seek_data(self.start_iter)
+
+    def _seek_data(self, start_iter: int) -> None:
+        """Restart the data stream where an uninterrupted run would be at ``start_iter``."""
+        loader = self._trainer.data_loader
+        sampler = _find_sampler(loader)
+        if sampler is None:
+            logger.warning("resume: cannot find the training sampler; data order restarts")
+            return
+        per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        sampler.start = start_iter * per_process * comm.get_world_size()
+        self._trainer._data_loader_iter = iter(loader)
+        logger.info("resume: data stream continues at sample %d", sampler.start)
+
+
+def _find_sampler(loader: Any) -> ResumableTrainingSampler | None:
+    """Walk Detectron2's loader wrappers down to our sampler."""
+    seen = 0
+    obj = loader
+    while obj is not None and seen < 5:
+        sampler = getattr(obj, "sampler", None)
+        if isinstance(sampler, ResumableTrainingSampler):
+            return sampler
+        obj = getattr(obj, "dataset", None)
+        seen += 1
+    return None
