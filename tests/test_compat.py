@@ -33,9 +33,8 @@ def test_missing_extension_is_needed_and_fails_clearly() -> None:
 
 
 def test_pillow_linear() -> None:
-    from PIL import Image
-
     from detectron2.data.transforms import ExtentTransform
+    from PIL import Image
 
     if "pillow_linear" in compat.APPLIED:
         assert Image.LINEAR == Image.BILINEAR
