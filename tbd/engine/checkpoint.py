@@ -83,11 +83,3 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
-
-    def last_iteration(self) -> int | None:
-        """The ``iteration`` stored in the last checkpoint of ``save_dir`` (None without one)."""
-        if not self.has_checkpoint():
-            return None
-        data = self._load_file(self.get_checkpoint_file())
-        it = data.get("iteration") if isinstance(data, dict) else None
-        return int(it) if it is not None else None

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import time
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -161,11 +162,43 @@ class _StopOnSignal(HookBase):
         self._previous.clear()
 
 
+class _ModelRunningState(HookBase):
+    """Checkpoints the running statistics Detectron2 keeps as plain attributes, not buffers.
+
+    ``DenseDetector._ema_update`` (RetinaNet, FCOS) smooths the loss normaliser in a float
+    attribute; without saving it a resumed run would rescale its first losses.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+
+    def _targets(self) -> dict[str, torch.nn.Module]:
+        from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+
+        return {n: m for n, m in self._model.named_modules() if isinstance(m, DenseDetector)}
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        state = {}
+        for name, module in self._targets().items():
+            values = {k: float(v) for k, v in vars(module).items() if k.startswith("loss_normalizer")}
+            if values:
+                state[name] = values
+        return state
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        targets = self._targets()
+        for name, values in state.items():
+            if name in targets:
+                for key, value in values.items():
+                    setattr(targets[name], key, value)
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with atomic checkpoints, NaN guards, exact resume and rich progress."""
 
     def __init__(self, cfg: CfgNode, progress: bool = True) -> None:
         self._show_progress = progress
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         super().__init__(cfg)
         model = self._trainer.model
         data_loader = self._trainer.data_loader
@@ -208,21 +241,31 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self) -> list[HookBase]:
         cfg = self.cfg
+        # same checkpointables as DefaultTrainer (the trainer: iteration, optimizer, hook states)
         self.checkpointer = AtomicDetectionCheckpointer(
-            self._trainer.model,
-            cfg.OUTPUT_DIR,
-            optimizer=self._trainer.optimizer,
-            scheduler=self.scheduler,
+            self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         built = super().build_hooks()
         self._stop_hook = _StopOnSignal(self.checkpointer)
-        extra: list[HookBase] = [self._stop_hook]
+        extra: list[HookBase] = [self._stop_hook, _ModelRunningState(self._trainer.model)]
         if self._show_progress and comm.is_main_process():
             extra.append(RichProgressHook(self.max_iter, period=cfg.TBD.PROGRESS_PERIOD))
         # last: a signal-triggered save sees the scheduler and metrics of the finished step
         return built + extra[::-1]
 
     # --- resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # Detectron2 0.6's DefaultTrainer leaves the optimizer (momentum) out of its checkpoints;
+        # later versions add the inner trainer's state like this.
+        state = super().state_dict()
+        state["_trainer"] = self._trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "_trainer" in state:
+            self._trainer.load_state_dict(state["_trainer"])
+
     def resume_or_load(self, resume: bool = True) -> None:
         super().resume_or_load(resume=resume)
         if self.start_iter > 0:

@@ -1,0 +1,81 @@
+"""Shared test options and fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tbd  # noqa: F401  (applies the compatibility shims before any detectron2 import)
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_tiny_coco(root: Path, num_images: int = 8, size: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """A small COCO dataset of coloured rectangles on noise: (json path, image dir)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        img = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            w, h = (int(v) for v in rng.integers(10, size // 2, size=2))
+            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+            cat = int(rng.integers(1, 3))
+            img[y : y + h, x : x + w] = (200, 40, 40) if cat == 1 else (40, 200, 40)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": cat,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+        name = f"{i:04d}.png"
+        Image.fromarray(img).save(images_dir / name)
+        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}],
+    }
+    json_path = root / "instances.json"
+    json_path.write_text(json.dumps(data))
+    return json_path, images_dir
+
+
+@pytest.fixture
+def tiny_coco(tmp_path: Path) -> str:
+    """A registered tiny COCO dataset; returns its Detectron2 name."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    json_path, images = write_tiny_coco(tmp_path / "tiny")
+    name = f"tiny_coco_{abs(hash(str(tmp_path))) % 10**8}"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    register_coco_instances(name, {}, str(json_path), str(images))
+    return name

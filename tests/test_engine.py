@@ -1,0 +1,184 @@
+"""The trainer's guarantees: atomic checkpoints, NaN guard, signal-safe stop and exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.engine import HookBase
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
+
+import tbd  # noqa: F401
+from tbd.cli.common import UsageError, prepare_output_dir
+from tbd.config import load_config
+from tbd.engine.checkpoint import AtomicDetectionCheckpointer, NonFiniteWeightsError
+from tbd.engine.trainer import (
+    GuardedTrainer,
+    NonFiniteLossError,
+    Trainer,
+    TrainingInterrupted,
+    _StopOnSignal,
+)
+
+
+def _tiny_cfg(dataset: str, out: Path, iters: int = 6):
+    cfg = load_config(
+        "retinanet_R18_FPN",
+        [
+            "MODEL.RETINANET.NUM_CLASSES", "2",
+            "DATASETS.TRAIN", f"('{dataset}',)",
+            "DATASETS.TEST", f"('{dataset}',)",
+            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+            "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+            "INPUT.RANDOM_FLIP", "none",
+            "DATALOADER.NUM_WORKERS", "0",
+            "SOLVER.IMS_PER_BATCH", "2",
+            "SOLVER.MAX_ITER", str(iters),
+            "SOLVER.STEPS", "(4,)",
+            "SOLVER.WARMUP_ITERS", "2",
+            "SOLVER.CHECKPOINT_PERIOD", "1000",
+            "TEST.EVAL_PERIOD", "0",
+            "SEED", "0",
+            "OUTPUT_DIR", str(out),
+        ],
+    )  # fmt: skip
+    return cfg
+
+
+def _train(cfg, resume: bool = False, hook: HookBase | None = None) -> Trainer:
+    seed_all_rng(0)
+    trainer = Trainer(cfg, progress=False)
+    if hook is not None:
+        trainer.register_hooks([hook])
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
+class _SignalAt(HookBase):
+    def __init__(self, iteration: int, sig: int) -> None:
+        self.iteration, self.sig = iteration, sig
+
+    def before_step(self) -> None:
+        if self.trainer.iter == self.iteration:
+            os.kill(os.getpid(), self.sig)  # arrives while step `iteration` runs
+
+
+def test_train_writes_checkpoint_metrics_and_evaluates(tiny_coco: str, tmp_path: Path) -> None:
+    cfg = _tiny_cfg(tiny_coco, tmp_path / "run", iters=3)
+    trainer = _train(cfg)
+    out = tmp_path / "run"
+    assert (out / "model_final.pth").is_file()
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert any(r.get("iteration") == 2 and "total_loss" in r for r in rows)
+    results = trainer._last_eval_results
+    assert set(results["bbox"]) >= {"AP", "AP50", "AP75"}
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_signal_saves_and_resume_is_exact(tiny_coco: str, tmp_path: Path) -> None:
+    full = _train(_tiny_cfg(tiny_coco, tmp_path / "full"))
+    reference = {k: v.clone() for k, v in full.model.state_dict().items()}
+
+    cfg = _tiny_cfg(tiny_coco, tmp_path / "cut")
+    with pytest.raises(TrainingInterrupted) as info:
+        _train(cfg, hook=_SignalAt(2, signal.SIGTERM))
+    assert info.value.iteration == 2
+    assert (tmp_path / "cut" / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    resumed = _train(cfg, resume=True)
+    assert resumed.start_iter == 3
+    state = resumed.model.state_dict()
+    for key, value in reference.items():
+        assert torch.allclose(state[key].float(), value.float(), atol=1e-5, rtol=1e-4), key
+    assert resumed.scheduler.state_dict()["last_epoch"] == full.scheduler.state_dict()["last_epoch"]
+
+
+def test_first_ctrl_c_requests_a_save_second_aborts(tmp_path: Path) -> None:
+    hook = _StopOnSignal(AtomicDetectionCheckpointer(_ToyModel(), str(tmp_path)))
+    hook._handler(signal.SIGINT, None)
+    assert hook.requested == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        hook._handler(signal.SIGINT, None)
+
+
+class _ToyModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss_toy": (self.w * x).sum()}
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops() -> None:
+    model = _ToyModel()
+    data = [torch.tensor([1.0]), torch.tensor([float("nan")]), torch.tensor([1.0])]
+    data += [torch.tensor([float("inf")])] * 3
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = GuardedTrainer(model, data, opt, max_nonfinite=3)
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        for it in range(3):
+            trainer.iter = it
+            storage.iter = it
+            trainer.run_step()
+        assert trainer.nonfinite_total == 1 and trainer.nonfinite_streak == 0
+        assert torch.allclose(model.w, torch.tensor([0.8]))  # two good steps of lr * 1
+        with pytest.raises(NonFiniteLossError, match="3 training steps in a row"):
+            for it in range(3, 6):
+                trainer.iter = it
+                trainer.run_step()
+        assert torch.isfinite(model.w).all()
+        assert storage.latest()["nonfinite_steps"][0] == 4
+
+
+def test_checkpointer_refuses_nan_and_keeps_last_good(tmp_path: Path) -> None:
+    model = _ToyModel()
+    ck = AtomicDetectionCheckpointer(model, str(tmp_path))
+    ck.save("good", iteration=1)
+    before = (tmp_path / "good.pth").read_bytes()
+    with torch.no_grad():
+        model.w.fill_(float("nan"))
+    with pytest.raises(NonFiniteWeightsError, match="NaN/Inf"):
+        ck.save("good", iteration=2)
+    assert (tmp_path / "good.pth").read_bytes() == before
+    assert (tmp_path / "last_checkpoint").read_text() == "good.pth"
+
+
+def test_checkpoint_killed_mid_write_keeps_previous(tmp_path: Path, monkeypatch) -> None:
+    model = _ToyModel()
+    ck = AtomicDetectionCheckpointer(model, str(tmp_path))
+    ck.save("model_final", iteration=1)
+    before = (tmp_path / "model_final.pth").read_bytes()
+
+    def dying_save(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save("model_final", iteration=2)
+    assert (tmp_path / "model_final.pth").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_output_dir_guard(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    prepare_output_dir(out, resume=False, overwrite=False)  # new: fine
+    with pytest.raises(UsageError, match="no checkpoint to resume"):
+        prepare_output_dir(out, resume=True, overwrite=False)
+    (out / "model_final.pth").write_bytes(b"x")
+    (out / "last_checkpoint").write_text("model_final.pth")
+    with pytest.raises(UsageError, match="finished run.*--resume.*--overwrite"):
+        prepare_output_dir(out, resume=False, overwrite=False)
+    prepare_output_dir(out, resume=True, overwrite=False)
+    prepare_output_dir(out, resume=False, overwrite=True)
+    assert not (out / "model_final.pth").exists()
