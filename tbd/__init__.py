@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 compat.apply()
 
 _LAZY = {
-    "add_tbd_config": ("tbd.config", "add_tbd_config"),
+    "add_tbd_config": ("tbd.distill.config", "add_tbd_config"),
     "get_cfg": ("tbd.config", "get_cfg"),
     "TBDistiller": ("tbd.distill.distiller", "TBDistiller"),
 }

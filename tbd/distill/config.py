@@ -1,0 +1,83 @@
+"""``DISTILL.*``: every key of Task-Balanced Distillation, with its documented default.
+
+See ``docs/CONFIG.md`` for the reasoning behind each default.
+"""
+
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+#: p_c modes (METHODS.md §1.1): how the per-location max logit becomes a probability map
+PC_MODES = ("sigmoid", "softmax_max1", "spatial_softmax")
+#: harmony distillation forms (METHODS.md §1.2)
+HD_MODES = ("iou_guided", "plain")
+#: task-decoupled feature distillation weighting (METHODS.md §1.3)
+TFD_MODES = ("twg", "fixed")
+#: student-feature adaptation layer phi
+ADAPTERS = ("conv1x1", "identity")
+#: teacher precision
+TEACHER_AMP_MODES = ("", "bf16", "fp16")
+
+
+def add_tbd_config(cfg: CN) -> None:
+    """Add the ``DISTILL`` node to ``cfg`` (idempotent: an existing node is left untouched)."""
+    if "DISTILL" in cfg:
+        return
+    d = cfg.DISTILL = CN()
+    # --- the pair -------------------------------------------------------------------------------
+    # Meta-architecture of the student when MODEL.META_ARCHITECTURE is "TBDistiller"; the student
+    # is built from this same config with MODEL.META_ARCHITECTURE replaced by this name.
+    d.STUDENT_META_ARCHITECTURE = ""
+    # Teacher: a YAML config (path, or a name under configs/) and a checkpoint loaded with
+    # Detectron2's DetectionCheckpointer. Empty weights leave the teacher randomly initialised
+    # (a warning is logged: only useful for tests).
+    d.TEACHER_CONFIG = ""
+    d.TEACHER_WEIGHTS = ""
+    # Extra "KEY VALUE" overrides applied to the teacher config after TEACHER_CONFIG.
+    d.TEACHER_OPTS = []
+    # Teacher forward precision: "" (float32), "bf16" or "fp16" (torch.autocast).
+    d.TEACHER_AMP = ""
+    # Refuse pairs whose class counts differ (the RPN of a two-stage teacher is compared through
+    # its ROI_HEADS.NUM_CLASSES). Set False only if both label spaces are known to be aligned.
+    d.CHECK_NUM_CLASSES = True
+    # FPN strides distilled; empty = every stride both models have (others skipped, one warning).
+    d.STRIDES = []
+    # --- losses ---------------------------------------------------------------------------------
+    d.HD_WEIGHT = 1.0  # alpha
+    d.TFD_WEIGHT = 0.0005  # beta (measured: docs/CONFIG.md)
+    d.HD_MODE = "iou_guided"
+    d.PC_MODE = "sigmoid"
+    d.TFD_MODE = "twg"
+    # Fixed task weights omega_c, omega_r (TFD_MODE "fixed"); they sum to 1 like TWG's output.
+    d.TFD_CLS_WEIGHT = 0.5
+    d.TFD_REG_WEIGHT = 0.5
+    # Student-feature adaptation phi, one per distilled level: "conv1x1" or "identity" (the
+    # latter needs equal channel counts).
+    d.ADAPTER = "conv1x1"
+    # --- task-collaborative weight generation ---------------------------------------------------
+    d.TWG = CN()
+    d.TWG.HIDDEN_DIM = 16
+    # Floor on each task weight: T = m + (1 - 2m) * softmax(...). Trained only by L_TFD, the
+    # softmax drifts towards the smaller term; the floor keeps both tasks in the loss.
+    d.TWG.MIN_WEIGHT = 0.1
+    # The probability maps fed to TWG are detached (TWG is a weighting, not a path for gradient
+    # into the student's heads).
+    d.TWG.DETACH_INPUTS = True
+
+
+def validate_tbd_config(cfg: CN) -> None:
+    """Raise ``ValueError`` naming the key when a ``DISTILL`` value is not one of its choices."""
+    d = cfg.DISTILL
+    for key, choices in (
+        ("PC_MODE", PC_MODES),
+        ("HD_MODE", HD_MODES),
+        ("TFD_MODE", TFD_MODES),
+        ("ADAPTER", ADAPTERS),
+        ("TEACHER_AMP", TEACHER_AMP_MODES),
+    ):
+        if d[key] not in choices:
+            raise ValueError(f"DISTILL.{key} = {d[key]!r}; expected one of {choices}")
+    if not 0.0 <= d.TWG.MIN_WEIGHT < 0.5:
+        raise ValueError(f"DISTILL.TWG.MIN_WEIGHT = {d.TWG.MIN_WEIGHT}; expected 0 <= m < 0.5")
+    if d.HD_WEIGHT < 0 or d.TFD_WEIGHT < 0:
+        raise ValueError("DISTILL.HD_WEIGHT and DISTILL.TFD_WEIGHT must be non-negative")

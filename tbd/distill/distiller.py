@@ -1,0 +1,392 @@
+"""``TBDistiller``: a Detectron2 meta-architecture that trains a student with Task-Balanced Distillation.
+
+Training forward: the student's own loss dict (its ordinary forward, probed by a hook) plus
+``loss_hd = alpha * L_HD`` and ``loss_tfd = beta * L_TFD``. Eval forward: the student's.
+The teacher is frozen, in eval mode, run under ``no_grad`` only as far as its dense head, and is
+not a registered sub-module: it is absent from ``parameters()`` and ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils.events import get_event_storage
+from torch import Tensor, nn
+
+from tbd.ops.boxes import pad_boxes
+
+from .adapters import FeatureAdapters
+from .config import validate_tbd_config
+from .losses import TaskMaps, feature_distance, harmony_distillation_loss, tfd_loss
+from .probes import LevelPrediction, Probe, get_probe_adapter
+from .task_probs import classification_probability, regression_probability
+from .twg import TaskWeightGenerator
+
+logger = logging.getLogger(__name__)
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_SWAPPABLE_FORMATS = {"BGR", "RGB"}
+
+
+def _model_input_format(model: nn.Module) -> str | None:
+    fmt = getattr(model, "input_format", None)
+    return str(fmt) if fmt else None
+
+
+@META_ARCH_REGISTRY.register()
+class TBDistiller(nn.Module):
+    """Teacher -> student Task-Balanced Distillation around any two probed Detectron2 detectors.
+
+    Args:
+        teacher, student: Detectron2 models with a registered probe adapter (RetinaNet, FCOS,
+            GeneralizedRCNN, ...). The teacher is frozen here.
+        hd_weight, tfd_weight: alpha and beta.
+        hd_mode: ``"iou_guided"`` or ``"plain"``; pc_mode: see
+            :func:`tbd.distill.task_probs.classification_probability`.
+        tfd_mode: ``"twg"`` (learned task weights) or ``"fixed"`` (``tfd_cls_weight``,
+            ``tfd_reg_weight``).
+        adapter: ``"conv1x1"`` or ``"identity"`` (phi on the student's FPN features).
+        strides: FPN strides to distill; empty: every stride both models have.
+        teacher_amp: ``""``, ``"bf16"`` or ``"fp16"``.
+        teacher_input_format, student_input_format: ``"BGR"``/``"RGB"``; when they differ the
+            channels are flipped for the teacher. Default: the models' ``input_format``.
+        check_num_classes: refuse pairs with different class counts.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        hd_weight: float = 1.0,
+        tfd_weight: float = 0.0005,
+        hd_mode: str = "iou_guided",
+        pc_mode: str = "sigmoid",
+        tfd_mode: str = "twg",
+        tfd_cls_weight: float = 0.5,
+        tfd_reg_weight: float = 0.5,
+        adapter: str = "conv1x1",
+        twg_hidden_dim: int = 16,
+        twg_min_weight: float = 0.1,
+        twg_detach_inputs: bool = True,
+        strides: Sequence[int] = (),
+        teacher_amp: str = "",
+        teacher_input_format: str | None = None,
+        student_input_format: str | None = None,
+        check_num_classes: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(student, TBDistiller) or isinstance(teacher, TBDistiller):
+            raise TypeError("TBDistiller cannot wrap another TBDistiller")
+        self.student = student
+        teacher.eval()
+        teacher.requires_grad_(False)
+        # Reason: held outside nn.Module's registry so that parameters(), state_dict(), the
+        # optimizer and DDP never see it; _apply() still moves it with the distiller.
+        object.__setattr__(self, "_teacher", teacher)
+
+        self.teacher_adapter = get_probe_adapter(teacher)
+        self.student_adapter = get_probe_adapter(student)
+        self._check_classes(check_num_classes)
+        self._flip_teacher_channels = self._resolve_formats(
+            teacher_input_format or _model_input_format(teacher),
+            student_input_format or _model_input_format(student),
+        )
+        self.strides = self._match_strides(strides)
+
+        t_ch = dict(zip(self.teacher_adapter.strides(teacher), self.teacher_adapter.channels(teacher)))
+        s_ch = dict(zip(self.student_adapter.strides(student), self.student_adapter.channels(student)))
+        self.adapters = FeatureAdapters(
+            {s: s_ch[s] for s in self.strides}, {s: t_ch[s] for s in self.strides}, kind=adapter
+        )
+        self.twg = (
+            TaskWeightGenerator(twg_hidden_dim, twg_min_weight, twg_detach_inputs)
+            if tfd_mode == "twg"
+            else None
+        )
+        if tfd_mode not in ("twg", "fixed"):
+            raise ValueError(f"unknown TFD mode {tfd_mode!r}; expected 'twg' or 'fixed'")
+        self.register_buffer(
+            "fixed_task_weights", torch.tensor([tfd_cls_weight, tfd_reg_weight], dtype=torch.float32), False
+        )
+        self.hd_weight = float(hd_weight)
+        self.tfd_weight = float(tfd_weight)
+        self.hd_mode = hd_mode
+        self.pc_mode = pc_mode
+        if teacher_amp not in ("", *_AMP_DTYPES):
+            raise ValueError(f"unknown teacher precision {teacher_amp!r}; expected '', 'bf16' or 'fp16'")
+        self.teacher_amp = teacher_amp
+        self._probe = Probe(student, self.student_adapter)
+        self.register_load_state_dict_pre_hook(_accept_plain_student_checkpoint)
+
+    # ------------------------------------------------------------------ construction from cfg
+    @classmethod
+    def from_config(
+        cls, cfg: CfgNode, student: nn.Module | None = None, teacher: nn.Module | None = None
+    ) -> dict[str, Any]:
+        validate_tbd_config(cfg)
+        d = cfg.DISTILL
+        if teacher is None:
+            teacher, teacher_format = build_teacher(cfg)
+        else:
+            teacher_format = _model_input_format(teacher)
+        return {
+            "teacher": teacher,
+            "student": student if student is not None else build_student(cfg),
+            "hd_weight": d.HD_WEIGHT,
+            "tfd_weight": d.TFD_WEIGHT,
+            "hd_mode": d.HD_MODE,
+            "pc_mode": d.PC_MODE,
+            "tfd_mode": d.TFD_MODE,
+            "tfd_cls_weight": d.TFD_CLS_WEIGHT,
+            "tfd_reg_weight": d.TFD_REG_WEIGHT,
+            "adapter": d.ADAPTER,
+            "twg_hidden_dim": d.TWG.HIDDEN_DIM,
+            "twg_min_weight": d.TWG.MIN_WEIGHT,
+            "twg_detach_inputs": d.TWG.DETACH_INPUTS,
+            "strides": list(d.STRIDES),
+            "teacher_amp": d.TEACHER_AMP,
+            "teacher_input_format": teacher_format,
+            "student_input_format": cfg.INPUT.FORMAT,
+            "check_num_classes": d.CHECK_NUM_CLASSES,
+        }
+
+    @classmethod
+    def from_student(cls, cfg: CfgNode, student: nn.Module) -> TBDistiller:
+        """Wrap an already built student (e.g. in ``DefaultTrainer.build_model``); teacher from ``cfg``."""
+        model = cls(cfg, student=student)
+        return model.to(student.device)
+
+    # ------------------------------------------------------------------ checks
+    def _check_classes(self, enabled: bool) -> None:
+        n_t = self.teacher_adapter.num_classes(self._teacher)
+        n_s = self.student_adapter.num_classes(self.student)
+        if enabled and n_t is not None and n_s is not None and n_t != n_s:
+            raise ValueError(
+                f"teacher has {n_t} classes, student {n_s}: TBD needs one label space. Retrain the "
+                "teacher on the student's classes, or set DISTILL.CHECK_NUM_CLASSES False if the "
+                "label spaces are known to be aligned."
+            )
+
+    @staticmethod
+    def _resolve_formats(teacher_fmt: str | None, student_fmt: str | None) -> bool:
+        if teacher_fmt is None or student_fmt is None or teacher_fmt == student_fmt:
+            return False
+        if {teacher_fmt, student_fmt} <= _SWAPPABLE_FORMATS:
+            logger.info(
+                "TBD: teacher expects %s, student data is %s: flipping channels", teacher_fmt, student_fmt
+            )
+            return True
+        raise ValueError(
+            f"teacher input format {teacher_fmt!r} and student input format {student_fmt!r} cannot be "
+            "converted (only BGR <-> RGB is handled)"
+        )
+
+    def _match_strides(self, requested: Sequence[int]) -> list[int]:
+        t = set(self.teacher_adapter.strides(self._teacher))
+        s = set(self.student_adapter.strides(self.student))
+        common = sorted(t & s)
+        if not common:
+            raise ValueError(f"teacher strides {sorted(t)} and student strides {sorted(s)} share no level")
+        if requested:
+            missing = [r for r in requested if r not in common]
+            if missing:
+                raise ValueError(f"DISTILL.STRIDES {missing} not present in both models (common: {common})")
+            return sorted(int(r) for r in requested)
+        skipped = sorted((t | s) - set(common))
+        if skipped:
+            logger.warning(
+                "TBD: FPN strides %s exist on one side only and are not distilled (teacher %s, student %s)",
+                skipped,
+                sorted(t),
+                sorted(s),
+            )
+        return common
+
+    # ------------------------------------------------------------------ nn.Module plumbing
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.device
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> TBDistiller:
+        super()._apply(fn, *args, **kwargs)
+        self._teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> TBDistiller:
+        super().train(mode)
+        self._teacher.eval()
+        return self
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """The student's own state dict: what to export (loads into the plain student model)."""
+        return self.student.state_dict()
+
+    def export_student(self, path: str | os.PathLike) -> None:
+        """Write a plain student checkpoint (``{"model": ...}``, DetectionCheckpointer's format)."""
+        torch.save({"model": {k: v.detach().cpu() for k, v in self.student_state_dict().items()}}, path)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: list[dict[str, Any]]) -> Any:
+        if not self.training:
+            return self.student(batched_inputs)
+        with self._probe.capture():
+            losses = self.student(batched_inputs)
+        student_levels = self._probe.levels()
+        teacher_levels = self.teacher_levels(batched_inputs)
+        gt = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
+        gt_boxes, _, gt_mask = pad_boxes(gt)
+        losses.update(self.distillation_losses(teacher_levels, student_levels, gt_boxes, gt_mask))
+        return losses
+
+    @torch.no_grad()
+    def teacher_levels(self, batched_inputs: list[dict[str, Any]]) -> list[LevelPrediction]:
+        """The teacher's FPN features and dense predictions: no grad, optional autocast, no NMS."""
+        inputs = batched_inputs
+        if self._flip_teacher_channels:
+            inputs = [{**x, "image": x["image"].flip(0)} for x in batched_inputs]
+        if self.teacher_amp:
+            with torch.autocast(device_type=self.device.type, dtype=_AMP_DTYPES[self.teacher_amp]):
+                return self.teacher_adapter.run_dense(self._teacher, inputs)
+        return self.teacher_adapter.run_dense(self._teacher, inputs)
+
+    def task_maps(
+        self, levels: Sequence[LevelPrediction], gt_boxes: Tensor, gt_mask: Tensor
+    ) -> list[TaskMaps]:
+        return [
+            TaskMaps(
+                classification_probability(lv.logits, self.pc_mode),
+                regression_probability(lv.boxes, gt_boxes, gt_mask),
+            )
+            for lv in levels
+        ]
+
+    def distillation_losses(
+        self,
+        teacher_levels: Sequence[LevelPrediction],
+        student_levels: Sequence[LevelPrediction],
+        gt_boxes: Tensor,
+        gt_mask: Tensor,
+    ) -> dict[str, Tensor]:
+        """``loss_hd`` and ``loss_tfd`` (weighted by alpha, beta) for probed teacher/student levels."""
+        t_by_stride = {lv.stride: lv for lv in teacher_levels}
+        s_by_stride = {lv.stride: lv for lv in student_levels}
+        t_levels, s_levels = [], []
+        for stride in self.strides:
+            t, s = t_by_stride[stride], s_by_stride[stride]
+            h, w = min(t.size[0], s.size[0]), min(t.size[1], s.size[1])
+            t_levels.append(t.crop(h, w))
+            s_levels.append(s.crop(h, w))
+        t_maps = self.task_maps(t_levels, gt_boxes, gt_mask)
+        s_maps = self.task_maps(s_levels, gt_boxes, gt_mask)
+        zero = s_levels[0].feature.sum() * 0.0
+        scalars: dict[str, float] = {}
+
+        hd = zero
+        if self.hd_weight > 0:
+            hd = harmony_distillation_loss(t_maps, s_maps, self.hd_mode)
+            scalars["tbd/hd"] = hd.item()
+
+        tfd = zero
+        if self.tfd_weight > 0:
+            distances = [
+                feature_distance(t.feature, self.adapters(s.feature, s.stride))
+                for t, s in zip(t_levels, s_levels)
+            ]
+            weights = (
+                self.twg.weights_for(t_maps, s_maps) if self.twg is not None else self.fixed_task_weights
+            )
+            terms = tfd_loss(distances, t_maps, weights)
+            tfd = terms.loss
+            scalars.update(
+                {"tbd/tfd": tfd.item(), "tbd/tfd_cls": terms.cls.item(), "tbd/tfd_reg": terms.reg.item()}
+            )
+            if self.twg is not None:
+                for stride, w_cls in zip(self.strides, weights[..., 0].mean(dim=0).tolist()):
+                    scalars[f"tbd/twg_w_cls_s{stride}"] = w_cls
+        _put_scalars(scalars)
+        return {"loss_hd": self.hd_weight * hd, "loss_tfd": self.tfd_weight * tfd}
+
+
+def _put_scalars(scalars: dict[str, float]) -> None:
+    if not scalars:
+        return
+    try:
+        storage = get_event_storage()
+    except AssertionError:  # no EventStorage active (e.g. a bare forward in a test)
+        return
+    storage.put_scalars(**scalars, smoothing_hint=True)
+
+
+def _accept_plain_student_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: a checkpoint without ``student.`` keys is a plain student one."""
+    own = prefix + "student."
+    if any(k.startswith(own) for k in state_dict):
+        return
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[own + key[len(prefix) :]] = state_dict.pop(key)
+
+
+# ---------------------------------------------------------------------- building from a config
+def build_student(cfg: CfgNode) -> nn.Module:
+    """The student: ``cfg`` with ``MODEL.META_ARCHITECTURE = DISTILL.STUDENT_META_ARCHITECTURE``."""
+    name = cfg.DISTILL.STUDENT_META_ARCHITECTURE
+    if not name or name == "TBDistiller":
+        raise ValueError(
+            "MODEL.META_ARCHITECTURE is 'TBDistiller': set DISTILL.STUDENT_META_ARCHITECTURE to the "
+            "student's meta-architecture (e.g. 'RetinaNet')"
+        )
+    student_cfg = cfg.clone()
+    student_cfg.defrost()
+    student_cfg.MODEL.META_ARCHITECTURE = name
+    model = META_ARCH_REGISTRY.get(name)(student_cfg)
+    return model.to(torch.device(cfg.MODEL.DEVICE))
+
+
+def teacher_config(cfg: CfgNode) -> CfgNode:
+    """The teacher's config: ``DISTILL.TEACHER_CONFIG`` + ``DISTILL.TEACHER_OPTS``, on the student's device."""
+    from tbd.config import load_config
+
+    if not cfg.DISTILL.TEACHER_CONFIG:
+        raise ValueError("DISTILL.TEACHER_CONFIG is empty: name the teacher's YAML config")
+    t_cfg = load_config(cfg.DISTILL.TEACHER_CONFIG, list(cfg.DISTILL.TEACHER_OPTS))
+    t_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    return t_cfg
+
+
+def build_teacher(cfg: CfgNode) -> tuple[nn.Module, str]:
+    """Build the teacher from its config and load ``DISTILL.TEACHER_WEIGHTS``; returns it and its INPUT.FORMAT."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    t_cfg = teacher_config(cfg)
+    if t_cfg.MODEL.META_ARCHITECTURE == "TBDistiller":
+        raise ValueError("the teacher config must describe a plain detector, not a TBDistiller")
+    teacher = build_model(t_cfg)
+    weights = cfg.DISTILL.TEACHER_WEIGHTS
+    if not weights:
+        logger.warning("TBD: DISTILL.TEACHER_WEIGHTS is empty: the teacher is randomly initialised")
+    else:
+        is_url = "://" in weights
+        if not is_url and not os.path.isfile(weights):
+            raise FileNotFoundError(f"DISTILL.TEACHER_WEIGHTS {weights!r} does not exist")
+        try:
+            DetectionCheckpointer(teacher).load(weights)
+        except Exception as err:
+            if is_url:
+                raise RuntimeError(
+                    f"could not fetch teacher weights {weights!r} ({err}); download them elsewhere "
+                    "and set DISTILL.TEACHER_WEIGHTS to the local file"
+                ) from err
+            raise
+    return teacher, t_cfg.INPUT.FORMAT

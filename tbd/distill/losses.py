@@ -1,0 +1,100 @@
+"""Harmony Distillation (HD) and Task-decoupled Feature Distillation (TFD), METHODS.md §1.2-1.3.
+
+Per-level functions return one value per image (``[B]``); the ``*_loss`` functions sum the
+levels and average over the images of the batch. Teacher quantities are detached here, so a
+caller cannot leak gradient into the teacher by mistake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .config import HD_MODES
+from .task_probs import harmony_score
+
+
+@dataclass
+class TaskMaps:
+    """The task probabilities of one model at one FPN level: ``p_c``, ``p_r`` both ``[B, H, W]``."""
+
+    p_c: Tensor
+    p_r: Tensor
+
+    @property
+    def hs(self) -> Tensor:
+        return harmony_score(self.p_c, self.p_r)
+
+
+def weighted_spatial_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """``sum(w * v) / sum(w)`` over the locations of each image -> ``[B]``; 0 where ``sum(w) == 0``."""
+    num = (weights * values).flatten(1).sum(dim=1)
+    den = weights.flatten(1).sum(dim=1)
+    safe = den > 0
+    return torch.where(safe, num / torch.where(safe, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def hd_level_plain(hs_t: Tensor, hs_s: Tensor) -> Tensor:
+    """Paper eq. 6 at one level: mean over locations of ``|HS^t - HS^s|`` -> ``[B]``."""
+    return (hs_t.detach() - hs_s).abs().flatten(1).mean(dim=1)
+
+
+def iou_guided_weight(pr_t: Tensor, pc_t: Tensor, pc_s: Tensor) -> Tensor:
+    """psi = p_r^t * sqrt(1 + |p_c^t - p_c^s|), a constant weight (no gradient)."""
+    return (pr_t * torch.sqrt(1.0 + (pc_t - pc_s).abs())).detach()
+
+
+def hd_level_iou_guided(teacher: TaskMaps, student: TaskMaps) -> Tensor:
+    """IoU-guided HD at one level: ``sum psi |HS^t - HS^s| / sum psi`` -> ``[B]`` (0 if sum psi = 0)."""
+    psi = iou_guided_weight(teacher.p_r, teacher.p_c, student.p_c)
+    return weighted_spatial_mean((teacher.hs.detach() - student.hs).abs(), psi)
+
+
+def harmony_distillation_loss(
+    teacher: Sequence[TaskMaps], student: Sequence[TaskMaps], mode: str = "iou_guided"
+) -> Tensor:
+    """L_HD: the per-level terms summed over levels, averaged over images (unweighted by alpha)."""
+    if mode not in HD_MODES:
+        raise ValueError(f"unknown HD mode {mode!r}; expected one of {HD_MODES}")
+    per_level = []
+    for t, s in zip(teacher, student):
+        if mode == "plain":
+            per_level.append(hd_level_plain(t.hs, s.hs))
+        else:
+            per_level.append(hd_level_iou_guided(t, s))
+    return torch.stack(per_level, dim=0).sum(dim=0).mean()
+
+
+def feature_distance(f_t: Tensor, f_s: Tensor) -> Tensor:
+    """``sum_c (F^t - phi(F^s))^2`` -> ``[B, H, W]``; ``f_s`` is the already adapted student feature."""
+    return (f_t.detach().to(f_s.dtype) - f_s).pow(2).sum(dim=1)
+
+
+@dataclass
+class TFDTerms:
+    """L_TFD and its parts (all scalars, task weights applied): ``loss = cls + reg``."""
+
+    loss: Tensor
+    cls: Tensor
+    reg: Tensor
+
+
+def tfd_loss(distances: Sequence[Tensor], teacher: Sequence[TaskMaps], task_weights: Tensor) -> TFDTerms:
+    """L_TFD = sum_l T_l^0 * mean_{p_c^t}(d_l) + T_l^1 * mean_{p_r^t}(d_l), averaged over images.
+
+    ``distances``: per level ``[B, H, W]`` (:func:`feature_distance`); ``task_weights``:
+    ``[B, L, 2]`` (TWG output) or ``[2]`` (fixed omega_c, omega_r).
+    """
+    cls = torch.stack(
+        [weighted_spatial_mean(d, t.p_c.detach()) for d, t in zip(distances, teacher)], dim=1
+    )  # [B, L]
+    reg = torch.stack([weighted_spatial_mean(d, t.p_r.detach()) for d, t in zip(distances, teacher)], dim=1)
+    w = task_weights.to(cls.dtype)
+    if w.dim() == 1:
+        w = w.view(1, 1, 2)
+    cls_term = (w[..., 0] * cls).sum(dim=1).mean()
+    reg_term = (w[..., 1] * reg).sum(dim=1).mean()
+    return TFDTerms(loss=cls_term + reg_term, cls=cls_term, reg=reg_term)

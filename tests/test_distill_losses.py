@@ -1,0 +1,215 @@
+"""Hand-worked values for the TBD quantities: HS, p_c modes, p_r, HD (both forms), TFD, TWG."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tbd  # noqa: F401
+from tbd.distill import (
+    TaskMaps,
+    TaskWeightGenerator,
+    classification_probability,
+    harmony_distillation_loss,
+    harmony_score,
+    hd_level_iou_guided,
+    hd_level_plain,
+    regression_probability,
+    tfd_loss,
+    weighted_spatial_mean,
+)
+from tbd.distill.losses import feature_distance
+
+
+def _maps(values: list[float]) -> torch.Tensor:
+    """A ``[1, 1, W]`` map (one image, one row)."""
+    return torch.tensor([[values]], dtype=torch.float32)
+
+
+def test_harmony_score_values_and_bounds() -> None:
+    p_c = torch.tensor([0.5, 0.0, 1.0, 0.3])
+    p_r = torch.tensor([0.5, 1.0, 0.0, 0.7])
+    hs = harmony_score(p_c, p_r)
+    tanh1 = (math.e - 1 / math.e) / (math.e + 1 / math.e)
+    expected = [1.0, 1 - tanh1, 1 - tanh1, 1 - math.tanh(0.4)]
+    assert hs.tolist() == pytest.approx(expected, abs=1e-6)
+    # the note's form 2 e^-d / (e^-d + e^d)
+    assert hs[1].item() == pytest.approx(2 * math.exp(-1) / (math.exp(-1) + math.exp(1)), abs=1e-6)
+    grid = torch.linspace(0, 1, 11)
+    all_hs = harmony_score(grid[:, None], grid[None, :])
+    assert (all_hs > 0).all() and (all_hs <= 1).all()
+
+
+def test_classification_probability_modes() -> None:
+    # one image, 1x2 locations, A=2 anchors, K=2 classes; max logit: 2 at loc 0, 0 at loc 1
+    logits = torch.tensor([[[[[0.0, 1.0], [2.0, -1.0]], [[-1.0, -3.0], [0.0, -2.0]]]]])
+    assert logits.shape == (1, 1, 2, 2, 2)
+    sig = classification_probability(logits, "sigmoid")
+    assert sig.shape == (1, 1, 2)
+    assert sig.flatten().tolist() == pytest.approx([1 / (1 + math.exp(-2)), 0.5], abs=1e-6)
+    soft = classification_probability(logits, "spatial_softmax").flatten().tolist()
+    e2 = math.exp(2)
+    assert soft == pytest.approx([e2 / (e2 + 1), 1 / (e2 + 1)], abs=1e-6)
+    assert sum(soft) == pytest.approx(1.0)
+    max1 = classification_probability(logits, "softmax_max1").flatten().tolist()
+    assert max1 == pytest.approx([1.0, math.exp(-2)], abs=1e-6)
+    with pytest.raises(ValueError, match="p_c mode"):
+        classification_probability(logits, "softmax")
+
+
+def test_spatial_softmax_is_per_image() -> None:
+    logits = torch.randn(3, 4, 5, 1, 2)
+    p = classification_probability(logits, "spatial_softmax")
+    assert p.flatten(1).sum(dim=1).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+    m = classification_probability(logits, "softmax_max1")
+    assert m.flatten(1).amax(dim=1).tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_regression_probability_max_over_gts_and_anchors() -> None:
+    boxes = torch.tensor(
+        [
+            [[[[0, 0, 10, 10], [0, 0, 5, 10]], [[20, 20, 30, 30], [100, 100, 110, 110]]]],
+            [[[[0, 0, 10, 10], [0, 0, 5, 10]], [[20, 20, 30, 30], [100, 100, 110, 110]]]],
+        ],
+        dtype=torch.float32,
+    )  # [B=2, H=1, W=2, A=2, 4]
+    gts = torch.tensor(
+        [[[0, 0, 10, 10], [20, 20, 25, 30]], [[20, 20, 30, 30], [0, 0, 0, 0]]], dtype=torch.float32
+    )
+    mask = torch.tensor([[True, True], [False, False]])  # image 1 has no GT (padding only)
+    p_r = regression_probability(boxes, gts, mask)
+    assert p_r.shape == (2, 1, 2)
+    # loc 0: anchor 0 equals GT 0 -> 1; loc 1: [20,20,30,30] vs [20,20,25,30] -> 50/100
+    assert p_r[0].flatten().tolist() == pytest.approx([1.0, 0.5])
+    assert p_r[1].flatten().tolist() == [0.0, 0.0]
+
+
+def test_regression_probability_degenerate_and_empty() -> None:
+    boxes = torch.tensor([[[[[5.0, 5.0, 5.0, 5.0]], [[0.0, 0.0, 4.0, 4.0]]]]], requires_grad=True)
+    gts = torch.tensor([[[3.0, 3.0, 3.0, 8.0]]])  # zero-width GT
+    p_r = regression_probability(boxes, gts, torch.tensor([[True]]))
+    assert torch.isfinite(p_r).all() and (p_r == 0).all()
+    p_r.sum().backward()
+    assert torch.isfinite(boxes.grad).all()
+    empty = regression_probability(boxes, torch.zeros(1, 0, 4), torch.zeros(1, 0, dtype=torch.bool))
+    assert empty.shape == (1, 1, 2) and (empty == 0).all()
+
+
+def test_regression_probability_carries_gradient() -> None:
+    boxes = torch.tensor([[[[[0.0, 0.0, 8.0, 10.0]]]]], requires_grad=True)
+    p_r = regression_probability(boxes, torch.tensor([[[0.0, 0.0, 10.0, 10.0]]]), torch.tensor([[True]]))
+    assert p_r.item() == pytest.approx(0.8)
+    p_r.sum().backward()
+    assert boxes.grad[..., 2].item() > 0  # widening the box towards the GT raises the IoU
+
+
+def test_hd_plain_hand_worked() -> None:
+    level1 = hd_level_plain(_maps([1.0, 0.5]), _maps([0.75, 0.5]))
+    assert level1.tolist() == pytest.approx([0.125])
+    # two levels summed: (0.25 + 0) / 2 + |0.2 - 0.6|
+    teacher = [TaskMaps(_maps([0.0, 0.5]), _maps([0.0, 0.0])), TaskMaps(_maps([0.3]), _maps([0.3]))]
+    student = [TaskMaps(_maps([0.0, 0.5]), _maps([0.0, 0.0])), TaskMaps(_maps([0.3]), _maps([0.3]))]
+    assert harmony_distillation_loss(teacher, student, "plain").item() == pytest.approx(0.0)
+    student[0] = TaskMaps(_maps([0.0, 0.5]), _maps([1.0, 0.0]))  # HS^s = 1 - tanh(1) at loc 0
+    expected = math.tanh(1.0) / 2
+    assert harmony_distillation_loss(teacher, student, "plain").item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_hd_iou_guided_hand_worked() -> None:
+    teacher = TaskMaps(p_c=_maps([0.2, 0.9]), p_r=_maps([0.8, 0.4]))
+    student = TaskMaps(p_c=_maps([0.5, 0.1]), p_r=_maps([0.4, 0.3]))
+    psi0, psi1 = 0.8 * math.sqrt(1.3), 0.4 * math.sqrt(1.8)
+    d0 = abs((1 - math.tanh(0.6)) - (1 - math.tanh(0.1)))
+    d1 = abs((1 - math.tanh(0.5)) - (1 - math.tanh(0.2)))
+    expected = (psi0 * d0 + psi1 * d1) / (psi0 + psi1)
+    assert expected == pytest.approx(0.37343, abs=1e-4)
+    assert hd_level_iou_guided(teacher, student).item() == pytest.approx(expected, abs=1e-6)
+    assert harmony_distillation_loss([teacher], [student]).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_hd_iou_guided_zero_weight_is_zero_not_nan() -> None:
+    teacher = TaskMaps(p_c=_maps([0.2, 0.9]), p_r=_maps([0.0, 0.0]))  # no GT / teacher misses all
+    s_pc = _maps([0.5, 0.1]).requires_grad_()
+    student = TaskMaps(p_c=s_pc, p_r=_maps([0.4, 0.3]))
+    loss = hd_level_iou_guided(teacher, student)
+    assert loss.tolist() == [0.0]
+    loss.sum().backward()
+    assert torch.isfinite(s_pc.grad).all()
+
+
+def test_hd_gradient_reaches_student_not_teacher() -> None:
+    t_pc, t_pr = _maps([0.2, 0.9]).requires_grad_(), _maps([0.8, 0.4]).requires_grad_()
+    s_pc, s_pr = _maps([0.5, 0.1]).requires_grad_(), _maps([0.4, 0.3]).requires_grad_()
+    for mode in ("plain", "iou_guided"):
+        for t in (t_pc, t_pr, s_pc, s_pr):
+            t.grad = None
+        loss = harmony_distillation_loss([TaskMaps(t_pc, t_pr)], [TaskMaps(s_pc, s_pr)], mode)
+        loss.backward()
+        assert t_pc.grad is None and t_pr.grad is None
+        assert s_pc.grad.abs().sum() > 0 and s_pr.grad.abs().sum() > 0
+
+
+def test_hd_averages_over_images() -> None:
+    t = TaskMaps(torch.tensor([[[0.0]], [[0.0]]]), torch.tensor([[[1.0]], [[1.0]]]))
+    s = TaskMaps(torch.tensor([[[1.0]], [[0.0]]]), torch.tensor([[[1.0]], [[1.0]]]))
+    # image 0: |HS^t - HS^s| = |(1 - tanh 1) - 1|; image 1: 0
+    assert harmony_distillation_loss([t], [s]).item() == pytest.approx(math.tanh(1.0) / 2, abs=1e-6)
+
+
+def test_weighted_spatial_mean() -> None:
+    v = torch.tensor([[[1.0, 4.0]], [[2.0, 2.0]]])
+    w = torch.tensor([[[0.25, 0.75]], [[0.0, 0.0]]])
+    assert weighted_spatial_mean(v, w).tolist() == [3.25, 0.0]
+
+
+def test_tfd_fixed_and_twg_weights_hand_worked() -> None:
+    f_t = torch.tensor([[[[1.0, 0.0]], [[0.0, 2.0]]]])  # [1, C=2, 1, 2]
+    f_s = torch.zeros(1, 2, 1, 2, requires_grad=True)
+    d = feature_distance(f_t, f_s)
+    assert d.tolist() == [[[1.0, 4.0]]]  # summed over channels
+    teacher = [TaskMaps(p_c=_maps([0.25, 0.75]), p_r=_maps([1.0, 0.0]))]
+    fixed = tfd_loss([d], teacher, torch.tensor([0.5, 0.5]))
+    assert fixed.cls.item() == pytest.approx(0.5 * 3.25)
+    assert fixed.reg.item() == pytest.approx(0.5 * 1.0)
+    assert fixed.loss.item() == pytest.approx(2.125)
+    twg = tfd_loss([d], teacher, torch.tensor([[[0.2, 0.8]]]))
+    assert twg.loss.item() == pytest.approx(0.2 * 3.25 + 0.8 * 1.0)
+    twg.loss.backward()
+    assert f_s.grad.abs().sum() > 0
+
+
+def test_tfd_two_levels_and_empty_regression_mask() -> None:
+    d1 = torch.tensor([[[2.0, 2.0]]])
+    d2 = torch.tensor([[[3.0]]])
+    teacher = [TaskMaps(_maps([1.0, 1.0]), _maps([0.0, 0.0])), TaskMaps(_maps([0.5]), _maps([0.0]))]
+    out = tfd_loss([d1, d2], teacher, torch.tensor([1.0, 1.0]))
+    assert out.cls.item() == pytest.approx(2.0 + 3.0)
+    assert out.reg.item() == 0.0 and torch.isfinite(out.loss)
+
+
+def test_twg_weights_bounds_start_and_gradient() -> None:
+    torch.manual_seed(0)
+    twg = TaskWeightGenerator(hidden_dim=8, min_weight=0.1)
+    maps = [TaskMaps(torch.rand(3, 4, 4), torch.rand(3, 4, 4)) for _ in range(2)]
+    w = twg.weights_for(maps, maps)
+    assert w.shape == (3, 2, 2)
+    assert torch.allclose(w, torch.full_like(w, 0.5))  # zero-initialised last layer
+    d = [10 * m.p_c for m in maps]  # the cls- and reg-weighted means differ -> dL/dz != 0
+    tfd_loss(d, maps, w).loss.backward()
+    assert twg.fc1.weight.grad is not None and twg.fc2.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        twg.fc2.bias.copy_(torch.tensor([50.0, -50.0]))
+    w = twg.weights_for(maps, maps)
+    assert w[..., 0].max().item() == pytest.approx(0.9) and w[..., 1].min().item() == pytest.approx(0.1)
+    assert torch.allclose(w.sum(dim=-1), torch.ones(3, 2))
+
+
+def test_twg_inputs_are_detached_by_default() -> None:
+    s_pc = torch.rand(1, 2, 2, requires_grad=True)
+    twg = TaskWeightGenerator()
+    t = TaskMaps(torch.rand(1, 2, 2), torch.rand(1, 2, 2))
+    w = twg.weights_for([t], [TaskMaps(s_pc, torch.rand(1, 2, 2))])
+    w.sum().backward()
+    assert s_pc.grad is None
