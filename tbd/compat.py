@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import sys
 import types
+import warnings
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -196,12 +197,22 @@ def apply() -> list[str]:
     if _DONE:
         return list(APPLIED)
     _DONE = True
+    with warnings.catch_warnings():
+        # Detectron2 0.6 scripts a few helpers with torch.jit at import time, which recent torch
+        # reports as deprecated on every import: noise for a tbd user, so import them quietly.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        _apply_all()
+    if APPLIED:
+        logger.debug("tbd.compat applied: %s", ", ".join(APPLIED))
+    return list(APPLIED)
+
+
+def _apply_all() -> None:
     _shim_missing_extension()
     _shim_pillow()
     _shim_numpy()
     _shim_coco_fast_eval()
     _shim_cpu_launch()
     _shim_head_norm_probe()
-    if APPLIED:
-        logger.debug("tbd.compat applied: %s", ", ".join(APPLIED))
-    return list(APPLIED)
+    import detectron2.engine  # noqa: F401  (the rest of Detectron2, under the same filter)
+    import detectron2.modeling  # noqa: F401

@@ -31,6 +31,8 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-json", help="your own COCO-format validation annotations")
     g.add_argument("--val-images", help="image directory for --val-json")
     g.add_argument("--data-dir", help="cache directory of the embedded dataset (default $TBD_DATA_DIR)")
+    g.add_argument("--num-train-images", type=int, default=2000, help="embedded dataset: training images")
+    g.add_argument("--num-val-images", type=int, default=200, help="embedded dataset: validation images")
 
 
 def add_output_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -85,6 +87,10 @@ def resolve_datasets(args: argparse.Namespace) -> tuple[str, str]:
             train_images=getattr(args, "train_images", None),
             val_json=getattr(args, "val_json", None),
             val_images=getattr(args, "val_images", None),
+            shapes_options={
+                "num_train": getattr(args, "num_train_images", 2000),
+                "num_val": getattr(args, "num_val_images", 200),
+            },
         )
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise UsageError(str(err)) from err
@@ -120,7 +126,8 @@ def apply_common(cfg: CfgNode, args: argparse.Namespace, train: str, test: str) 
     if iters:
         old = cfg.SOLVER.MAX_ITER
         cfg.SOLVER.MAX_ITER = iters
-        cfg.SOLVER.STEPS = tuple(int(s * iters / old) for s in cfg.SOLVER.STEPS if s < old)
+        steps = sorted({int(s * iters / old) for s in cfg.SOLVER.STEPS if s < old} - {0})
+        cfg.SOLVER.STEPS = tuple(x for x in steps if x < iters) if len(steps) < iters else ()
         cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
         cfg.SOLVER.CHECKPOINT_PERIOD = min(cfg.SOLVER.CHECKPOINT_PERIOD, iters)
         if cfg.TEST.EVAL_PERIOD > iters:

@@ -13,22 +13,13 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 import tbd  # noqa: E402
-from tbd.cli import evaluate, teachers, train  # noqa: E402
+from tbd.cli import distill, evaluate, export, teachers, train  # noqa: E402
 from tbd.cli.common import UsageError, console  # noqa: E402
 
 _PENDING = {
-    "distill": (
-        "distil a student from a teacher (TBD)",
-        "Distil a student (e.g. --student r18) from a teacher (e.g. --teacher r101) with "
-        "Task-Balanced Distillation.",
-    ),
     "harmony": (
         "compare harmonious-prediction ratios of models",
         "Compare the harmonious-prediction ratios of teacher, student and distilled student.",
-    ),
-    "export": (
-        "write a student-only checkpoint for plain Detectron2",
-        "Export the distilled student as a checkpoint that plain Detectron2 loads.",
     ),
 }
 
@@ -45,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tbd {tbd.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    distill.add_parser(sub)
     train.add_parser(sub)
     evaluate.add_parser(sub)
+    export.add_parser(sub)
     teachers.add_parser(sub)
     for name, (short, long) in _PENDING.items():
         p = sub.add_parser(name, help=short, description=long)

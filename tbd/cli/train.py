@@ -63,7 +63,8 @@ def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False))
     trainer.resume_or_load(resume=args.resume)
     try:
-        results = trainer.train() or {}
+        trainer.train()
+        results = getattr(trainer, "_last_eval_results", None) or {}
     except TrainingInterrupted as stop:
         if comm.is_main_process():
             console.print(

@@ -364,9 +364,32 @@ def teacher_config(cfg: CfgNode) -> CfgNode:
     return t_cfg
 
 
+def load_teacher_weights(teacher: nn.Module, weights: str) -> None:
+    """Load a teacher checkpoint (local file or URL) and refuse one that does not fit the model."""
+    from tbd.engine.checkpoint import load_weights_checked
+
+    is_url = "://" in weights
+    if not is_url and not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"teacher weights {weights!r} do not exist (DISTILL.TEACHER_WEIGHTS / --teacher-weights)"
+        )
+    try:
+        local = weights
+        if is_url:
+            from detectron2.utils.file_io import PathManager
+
+            local = PathManager.get_local_path(weights)
+    except Exception as err:
+        raise RuntimeError(
+            f"could not download the teacher weights {weights} ({type(err).__name__}: {err}). "
+            "Without network access, fetch that file on another machine and pass it with "
+            "--teacher-weights /path/to/file (DISTILL.TEACHER_WEIGHTS)"
+        ) from err
+    load_weights_checked(teacher, local, what="teacher")
+
+
 def build_teacher(cfg: CfgNode) -> tuple[nn.Module, str]:
     """Build the teacher from its config and load ``DISTILL.TEACHER_WEIGHTS``; returns it and its INPUT.FORMAT."""
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     t_cfg = teacher_config(cfg)
@@ -377,16 +400,5 @@ def build_teacher(cfg: CfgNode) -> tuple[nn.Module, str]:
     if not weights:
         logger.warning("TBD: DISTILL.TEACHER_WEIGHTS is empty: the teacher is randomly initialised")
     else:
-        is_url = "://" in weights
-        if not is_url and not os.path.isfile(weights):
-            raise FileNotFoundError(f"DISTILL.TEACHER_WEIGHTS {weights!r} does not exist")
-        try:
-            DetectionCheckpointer(teacher).load(weights)
-        except Exception as err:
-            if is_url:
-                raise RuntimeError(
-                    f"could not fetch teacher weights {weights!r} ({err}); download them elsewhere "
-                    "and set DISTILL.TEACHER_WEIGHTS to the local file"
-                ) from err
-            raise
+        load_teacher_weights(teacher, weights)
     return teacher, t_cfg.INPUT.FORMAT

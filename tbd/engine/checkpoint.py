@@ -83,3 +83,34 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
+
+
+class WeightsMismatchError(ValueError):
+    """A checkpoint that does not fit the model it is loaded into."""
+
+
+def load_weights_checked(model: torch.nn.Module, path: str, what: str = "model") -> None:
+    """Load ``path`` with Detectron2's checkpointer and fail when it does not fit the model.
+
+    Detectron2 only logs missing keys and skips tensors of the wrong shape; for a teacher or an
+    evaluated model that silently yields a half-random network, so here it is an error.
+    """
+    ck = DetectionCheckpointer(model)
+    local = ck.path_manager.get_local_path(path)
+    checkpoint = ck._load_file(local)
+    incompatible = ck._load_model(checkpoint)
+    shapes = list(incompatible.incorrect_shapes)
+    missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
+    if shapes or missing:
+        detail = []
+        if shapes:
+            k, got, want = shapes[0]
+            detail.append(
+                f"{len(shapes)} tensors have another shape (e.g. {k}: {tuple(got)} vs {tuple(want)})"
+            )
+        if missing:
+            detail.append(f"{len(missing)} model tensors are missing (e.g. {missing[0]})")
+        raise WeightsMismatchError(
+            f"{what} weights {path} do not fit its config: {'; '.join(detail)}. Pass the config "
+            "these weights were trained with (depth, head, number of classes must match)"
+        )

@@ -1,3 +1,3 @@
 """Detectron2 meta-architectures added by tbd (importing registers them and their probe adapters)."""
 
-from tbd.modeling import dw, dw_probe, et_head, fcos, tood  # noqa: F401
+from tbd.modeling import dw, dw_probe, et_head, fcos, tal_probe, tood  # noqa: F401

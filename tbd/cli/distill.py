@@ -1,0 +1,300 @@
+"""``tbd distill``: teacher -> student Task-Balanced Distillation, end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from detectron2.config import CfgNode
+
+from tbd.cli import common
+from tbd.cli.common import UsageError, console
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distil a student from a teacher with Task-Balanced Distillation",
+        description=(
+            "Distil --student from --teacher with TBD (harmony distillation + task-decoupled feature "
+            "distillation). Teachers come from `tbd teachers`: on the embedded dataset a teacher "
+            "without a checkpoint is trained first and cached; on COCO its model-zoo weights are "
+            "used (or --teacher-weights). Writes checkpoints, metrics.json, TensorBoard events and "
+            "summary.json (teacher AP, student AP, harmonious-prediction ratios) to --output."
+        ),
+    )
+    g = p.add_argument_group("models")
+    g.add_argument("--teacher", "-t", default="r101", help="teacher name (see `tbd teachers`; default r101)")
+    g.add_argument("--teacher-config", help="your own teacher: a Detectron2 config (with --teacher-weights)")
+    g.add_argument("--teacher-weights", help="teacher checkpoint (local file); overrides the registry")
+    g.add_argument(
+        "--teacher-iters", type=int, help="iterations when the teacher is trained here (default: registry)"
+    )
+    g.add_argument(
+        "--teacher-cache",
+        help="where teachers trained here are kept (default $TBD_CACHE or ~/.cache/tbd, + /teachers)",
+    )
+    g.add_argument("--student", "-s", default="r18", help="student: r18 (default), r34, r50, or a config")
+    g.add_argument("--head", default="tal", help="student head: tal (default), et, dw, retinanet, fcos")
+    g.add_argument(
+        "--teacher-amp", choices=["", "bf16", "fp16"], help="teacher precision (DISTILL.TEACHER_AMP)"
+    )
+    g.add_argument("--no-harmony", action="store_true", help="skip the harmonious-ratio analysis at the end")
+    common.add_dataset_args(p)
+    common.add_output_args(p, default="runs/distill")
+    common.add_schedule_args(p)
+    common.add_launch_args(p)
+    common.add_opts_arg(p)
+    p.set_defaults(func=run)
+
+
+def cache_root(args: argparse.Namespace) -> Path:
+    if getattr(args, "teacher_cache", None):
+        return Path(args.teacher_cache)
+    return Path(os.environ.get("TBD_CACHE", Path.home() / ".cache" / "tbd")) / "teachers"
+
+
+def _student_spec(args: argparse.Namespace) -> Any:
+    from tbd.registry import ModelSpec, RegistryError, student_spec
+
+    try:
+        return student_spec(args.student, args.head)
+    except RegistryError as err:
+        from tbd.config import resolve_config_path
+
+        try:
+            return ModelSpec(name=Path(args.student).stem, config=resolve_config_path(args.student))
+        except FileNotFoundError:
+            raise UsageError(str(err)) from None
+
+
+def resolve_teacher(args: argparse.Namespace, train: str, test: str) -> tuple[Path, str]:
+    """(teacher config, teacher weights): from flags, the registry, or by training it here."""
+    from tbd.config import resolve_config_path
+    from tbd.registry import RegistryError, dataset_key, teacher_spec
+
+    if args.teacher_config:
+        if not args.teacher_weights:
+            raise UsageError("--teacher-config needs --teacher-weights (the checkpoint of that teacher)")
+        try:
+            config = resolve_config_path(args.teacher_config)
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from err
+        return config, _local_weights(args.teacher_weights)
+    try:
+        spec, entry = teacher_spec(args.teacher, dataset_key(train))
+    except RegistryError as err:
+        raise UsageError(str(err)) from err
+    if args.teacher_weights:
+        return spec.config, _local_weights(args.teacher_weights)
+    if not entry.trains_here:
+        return spec.config, entry.weights
+    iters = args.teacher_iters or entry.train_iters or 3000
+    return spec.config, train_teacher_here(args, spec, iters, train, test)
+
+
+def _local_weights(path: str) -> str:
+    if "://" not in path and not Path(path).is_file():
+        raise UsageError(f"--teacher-weights {path} does not exist")
+    return path
+
+
+def train_teacher_here(args: argparse.Namespace, spec: Any, iters: int, train: str, test: str) -> str:
+    """Train (or finish training, or reuse) the cached teacher for this dataset and schedule."""
+    from tbd.config import load_config
+    from tbd.data import TRAIN_NAME
+
+    data_tag = f"{train}{args.num_train_images}" if train == TRAIN_NAME else train
+    out = cache_root(args) / f"{spec.name}_{data_tag}_{iters}it"
+    final = out / "model_final.pth"
+    if final.is_file():
+        console.print(f"teacher [bold]{spec.name}[/]: using the cached checkpoint {final}")
+        return str(final)
+    resume = (out / "last_checkpoint").is_file()
+    console.print(
+        f"teacher [bold]{spec.name}[/] has no checkpoint for {train}: "
+        f"{'resuming' if resume else 'training'} it here ({iters} iterations) -> {out}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(spec.config, spec.opts)
+    targs = argparse.Namespace(**vars(args))
+    targs.iters, targs.opts, targs.resume, targs.lr, targs.eval_period = iters, [], resume, None, 0
+    common.apply_common(cfg, targs, train, test)
+    cfg.OUTPUT_DIR = str(out)
+    (out / "config.yaml").write_text(cfg.dump())
+    _run(cfg, targs)
+    if not final.is_file():
+        raise UsageError(f"training the teacher did not produce {final}; see {out / 'log.txt'}")
+    return str(final)
+
+
+def build_distill_cfg(
+    args: argparse.Namespace, train: str, test: str, teacher_config: Path, teacher_weights: str
+) -> CfgNode:
+    from tbd.config import load_config
+
+    spec = _student_spec(args)
+    cfg = load_config(spec.config, spec.opts)
+    common.apply_common(cfg, args, train, test)
+    student_arch = cfg.MODEL.META_ARCHITECTURE
+    if student_arch == "TBDistiller":
+        raise UsageError(f"{spec.config} is already a distillation config; pass a student config")
+    # the teacher's config is adapted the same way (class count, device, datasets)
+    t_cfg = load_config(teacher_config)
+    before = {k: v for k, v in _flat(t_cfg).items()}
+    common.set_num_classes(t_cfg, common_num_classes(test))
+    t_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    teacher_opts = [x for k, v in _flat(t_cfg).items() if before.get(k) != v for x in (k, str(v))]
+
+    cfg.MODEL.META_ARCHITECTURE = "TBDistiller"
+    cfg.DISTILL.STUDENT_META_ARCHITECTURE = student_arch
+    cfg.DISTILL.TEACHER_CONFIG = str(teacher_config)
+    cfg.DISTILL.TEACHER_WEIGHTS = teacher_weights
+    cfg.DISTILL.TEACHER_OPTS = teacher_opts
+    if args.teacher_amp is not None:
+        cfg.DISTILL.TEACHER_AMP = args.teacher_amp
+    cfg.OUTPUT_DIR = str(args.output)
+    # user overrides last, so DISTILL.* can be set on the command line
+    opts = [o for o in (args.opts or []) if o != "--"]
+    if opts:
+        cfg.merge_from_list(opts)
+    return cfg
+
+
+def common_num_classes(test: str) -> int:
+    from tbd.data import num_classes
+
+    return num_classes(test)
+
+
+def _flat(cfg: CfgNode, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, CfgNode):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _run(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
+    from tbd.cli.train import _read_final_results, train_worker
+
+    if args.num_gpus * args.num_machines > 1:
+        common.launch_workers(train_worker, args, cfg, args)
+        return _read_final_results(Path(cfg.OUTPUT_DIR))
+    return train_worker(cfg, args)
+
+
+def _teacher_results(cfg: CfgNode, args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """COCO results of the teacher on the test set (cached beside a cached teacher) and the model."""
+    from detectron2.modeling import build_model
+
+    from tbd.distill.distiller import load_teacher_weights, teacher_config
+    from tbd.engine.trainer import Trainer
+
+    t_cfg = teacher_config(cfg)
+    t_cfg.DATASETS.TEST = cfg.DATASETS.TEST
+    model = build_model(t_cfg)
+    load_teacher_weights(model, cfg.DISTILL.TEACHER_WEIGHTS)
+    model.eval()
+    weights = Path(cfg.DISTILL.TEACHER_WEIGHTS).resolve()
+    # a teacher trained here gets its evaluation cached beside it; user files are left alone
+    ours = cache_root(args).resolve() in weights.parents
+    cache = weights.with_name(f"eval_{cfg.DATASETS.TEST[0]}.json") if ours else None
+    if cache is not None and cache.is_file():
+        return json.loads(cache.read_text()), (t_cfg, model)
+    t_cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR) / "teacher_eval")
+    results = dict(Trainer.test(t_cfg, model))
+    if cache is not None:
+        cache.write_text(json.dumps(results))
+    return results, (t_cfg, model)
+
+
+def _harmony(cfg: CfgNode, model: Any) -> dict[str, Any] | None:
+    try:
+        from tbd.analysis.harmony import measure_harmony
+    except ImportError:
+        return None
+    return measure_harmony(cfg, model, cfg.DATASETS.TEST[0])
+
+
+def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str, Any]) -> dict[str, Any]:
+    """Teacher AP, student AP and the harmonious-prediction ratios: printed and returned."""
+    from detectron2.modeling import build_model
+    from rich.table import Table
+
+    from tbd.export import load_student_state, student_cfg
+
+    teacher_results, (t_cfg, teacher) = _teacher_results(cfg, args)
+    rows: dict[str, dict[str, Any]] = {
+        "teacher": {"bbox": teacher_results.get("bbox", {})},
+        "student": {"bbox": student_results.get("bbox", {})},
+    }
+    if not args.no_harmony:
+        rows["teacher"]["harmony"] = _harmony(t_cfg, teacher)
+        final = Path(cfg.OUTPUT_DIR) / "model_final.pth"
+        if final.is_file():
+            s_cfg = student_cfg(cfg)
+            student = build_model(s_cfg)
+            student.load_state_dict(load_student_state(final))
+            student.eval()
+            rows["student"]["harmony"] = _harmony(s_cfg, student)
+
+    table = Table(
+        title=f"tbd distill: {args.teacher} -> {args.student} ({args.head}) on {cfg.DATASETS.TEST[0]}"
+    )
+    table.add_column("model")
+    for col in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        table.add_column(col, justify="right")
+    table.add_column("harmonious share", justify="right")
+    table.add_column("mean HS", justify="right")
+    for name, row in rows.items():
+        bbox = row["bbox"]
+        h = row.get("harmony") or {}
+        share = h.get("harmonious_share")
+        mean_hs = h.get("mean_hs_easy", h.get("mean_hs"))
+        table.add_row(
+            name,
+            *(f"{bbox.get(k, float('nan')):.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")),
+            "-" if share is None else f"{100 * share:.1f}%",
+            "-" if mean_hs is None else f"{mean_hs:.3f}",
+        )
+    console.print(table)
+    h = rows["student"].get("harmony") or rows["teacher"].get("harmony") or {}
+    if h:
+        console.print(
+            f"harmonious: score >= {h.get('score_thresh')} and IoU >= {h.get('iou_thresh')} "
+            "(see docs/HARMONY.md)"
+        )
+    summary = {
+        "teacher": {"name": args.teacher, "config": cfg.DISTILL.TEACHER_CONFIG, **rows["teacher"]},
+        "student": {"name": args.student, "head": args.head, **rows["student"]},
+        "dataset": {"train": cfg.DATASETS.TRAIN[0], "test": cfg.DATASETS.TEST[0]},
+        "iterations": cfg.SOLVER.MAX_ITER,
+        "distill": {"hd_weight": cfg.DISTILL.HD_WEIGHT, "tfd_weight": cfg.DISTILL.TFD_WEIGHT},
+    }
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    from tbd.engine.checkpoint import atomic_write_text
+
+    train, test = common.resolve_datasets(args)
+    out = common.prepare_output_dir(args.output, args.resume, args.overwrite)
+    teacher_config, teacher_weights = resolve_teacher(args, train, test)
+    cfg = build_distill_cfg(args, train, test, teacher_config, teacher_weights)
+    (out / "config.yaml").write_text(cfg.dump())
+    console.print(
+        f"[bold]tbd distill[/] {args.teacher} -> {args.student} ({args.head}) on {train} -> {out}  "
+        f"({cfg.SOLVER.MAX_ITER} iterations, batch {cfg.SOLVER.IMS_PER_BATCH}, {cfg.MODEL.DEVICE})"
+    )
+    results = _run(cfg, args)
+    summary = summarize(cfg, args, results)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
+    console.print(f"summary written to {out / 'summary.json'}")
+    return 0
