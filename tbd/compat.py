@@ -188,6 +188,27 @@ def _shim_head_norm_probe() -> None:
     APPLIED.append("gn_head_norm_probe")
 
 
+def _shim_cpu_ddp() -> None:
+    # Reason: create_ddp_model always passes device_ids=[local_rank], which torch's
+    # DistributedDataParallel rejects for a model on the CPU (multi-process CPU training).
+    import torch
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    if torch.cuda.is_available() or getattr(original, "_tbd_shim", False):
+        return
+
+    def create_ddp_model(model: Any, *, fp16_compression: bool = False, **kwargs: Any) -> Any:
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        if on_cpu and "device_ids" not in kwargs:
+            kwargs["device_ids"] = None
+        return original(model, fp16_compression=fp16_compression, **kwargs)
+
+    create_ddp_model._tbd_shim = True  # type: ignore[attr-defined]
+    defaults.create_ddp_model = create_ddp_model
+    APPLIED.append("cpu_ddp_device_ids")
+
+
 _DONE = False
 
 
@@ -214,5 +235,6 @@ def _apply_all() -> None:
     _shim_coco_fast_eval()
     _shim_cpu_launch()
     _shim_head_norm_probe()
+    _shim_cpu_ddp()
     import detectron2.engine  # noqa: F401  (the rest of Detectron2, under the same filter)
     import detectron2.modeling  # noqa: F401

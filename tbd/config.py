@@ -54,10 +54,18 @@ def add_all_config(cfg: CN) -> CN:
     return cfg
 
 
+def register_all() -> None:
+    """Register every tbd meta-architecture (heads and ``TBDistiller``) in Detectron2's registry.
+
+    Needed in any process that builds a model from a config, e.g. each ``launch`` worker.
+    """
+    import tbd.distill  # noqa: F401
+    import tbd.modeling  # noqa: F401
+
+
 def get_cfg() -> CN:
     """Detectron2's default config with all tbd keys added (and every tbd model registered)."""
-    import tbd.modeling  # noqa: F401  (registers the meta-architectures)
-
+    register_all()
     return add_all_config(d2_get_cfg())
 
 

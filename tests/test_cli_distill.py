@@ -115,3 +115,19 @@ def test_export_loads_in_plain_detectron2_with_same_ap(distilled: Path) -> None:
     evaluated = json.loads((distilled / "ev" / "eval_results.json").read_text())["bbox"]["AP"]
     reported = json.loads((run / "summary.json").read_text())["student"]["bbox"]["AP"]
     assert evaluated == pytest.approx(reported, abs=1e-6, nan_ok=True)
+
+
+def test_distill_runs_in_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
+    """`--num-gpus 2` on a CPU machine: detectron2.engine.launch starts 2 GLOO workers."""
+    args = [
+        "distill", "--teacher", "r50", "--student", "r18", "--head", "tal", "--num-gpus", "2",
+        "--teacher-iters", "1", "--iters", "2", "--no-harmony",
+        "--teacher-cache", str(tmp_path / "cache"), "--output", str(tmp_path / "run"),
+        *_common(tmp_path),
+    ]  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / "run"
+    assert (run / "model_final.pth").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.json").read_text().splitlines()]
+    assert any("loss_hd" in r and r.get("iteration") == 1 for r in rows)
+    assert "bbox" in json.loads((run / "summary.json").read_text())["student"]

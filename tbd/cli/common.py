@@ -178,6 +178,15 @@ def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool) -> Path:
     return out
 
 
+def quiet_warnings() -> None:
+    """Hide deprecation noise that Detectron2 0.6 triggers on a recent torch (CLI processes only)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|detectron2|fvcore)(\.|$)")
+
+
 def setup_logging(output_dir: Path, quiet_console: bool = True) -> None:
     """Detectron2's logger into ``output_dir/log.txt``; only warnings on the console."""
     from detectron2.utils import comm

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from detectron2.config import CfgNode
 
 from tbd.cli import common
@@ -151,53 +152,65 @@ def resolve_spec(spec: ModelSpec) -> tuple[str, Path, str]:
 
 def as_plain_detector(cfg: CfgNode) -> CfgNode:
     """A TBDistiller config becomes its student's (the distiller's eval forward is the student's)."""
-    if cfg.MODEL.META_ARCHITECTURE != "TBDistiller":
-        return cfg
-    student = cfg.DISTILL.STUDENT_META_ARCHITECTURE
-    if not student or student == "TBDistiller":
+    from tbd.export import student_cfg
+
+    if cfg.MODEL.META_ARCHITECTURE == "TBDistiller" and cfg.DISTILL.STUDENT_META_ARCHITECTURE in (
+        "",
+        "TBDistiller",
+    ):
         raise UsageError("the config is a TBDistiller one without DISTILL.STUDENT_META_ARCHITECTURE")
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.META_ARCHITECTURE = student
-    return cfg
+    return student_cfg(cfg)
 
 
-def load_detector_weights(model: Any, weights: str) -> None:
-    """Load a checkpoint with ``DetectionCheckpointer``; a TBDistiller checkpoint gives its ``student.*``.
+class _StudentView(torch.nn.Module):
+    """``model`` registered as ``student``: its state-dict keys are a TBDistiller checkpoint's ``student.*``."""
 
-    Every model weight must be found: evaluating a partly random model would measure nothing.
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.student = model
+
+
+def load_detector_weights(model: torch.nn.Module, weights: str, distilled_first: bool = False) -> None:
+    """Load a plain checkpoint, or the ``student.*`` part of a TBDistiller checkpoint, into ``model``.
+
+    Both go through :func:`tbd.engine.checkpoint.load_weights_checked` (every model tensor must be
+    found). The kind is not guessed from the file: the likelier one is tried first (``distilled_first``
+    for a TBDistiller run's config), the other on a mismatch; the first error is reported if both fail.
     """
-    import os
+    from tbd.engine.checkpoint import WeightsMismatchError, load_weights_checked
 
-    from detectron2.checkpoint import DetectionCheckpointer
+    if "://" in weights:
+        from detectron2.utils.file_io import PathManager
 
-    checkpointer = DetectionCheckpointer(model)
-    path = weights if os.path.isfile(weights) else checkpointer.path_manager.get_local_path(weights)
-    checkpoint = checkpointer._load_file(path)
-    state = checkpoint["model"]
-    if any(k.startswith("student.") for k in state):
-        checkpoint["model"] = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
-    incompatible = checkpointer._load_model(checkpoint)
-    missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing:
-        shapes = "; ".join(f"{k}: {a} vs {b}" for k, a, b in incompatible.incorrect_shapes[:3])
-        raise UsageError(
-            f"{weights} does not fit the model built from its config: {len(missing)} weights missing "
-            f"(e.g. {', '.join(missing[:3])})" + (f"; shape mismatches: {shapes}" if shapes else "")
-        )
+        try:
+            weights = PathManager.get_local_path(weights)
+        except Exception as err:
+            raise UsageError(
+                f"could not fetch {weights} ({type(err).__name__}: {err}); download it where there is "
+                "network access and pass the local file"
+            ) from err
+    attempts = [_StudentView(model), model] if distilled_first else [model, _StudentView(model)]
+    first: WeightsMismatchError | None = None
+    for target in attempts:
+        try:
+            load_weights_checked(target, weights)
+            return
+        except WeightsMismatchError as err:
+            first = first or err
+    raise UsageError(str(first)) from first
 
 
-def build_model_for(
-    name: str, cfg_path: Path, weights: str, args: argparse.Namespace, test: str
-) -> tuple[CfgNode, Any]:
+def build_model_for(cfg_path: Path, weights: str, args: argparse.Namespace, test: str) -> tuple[CfgNode, Any]:
+    """The detector of ``cfg_path`` (a TBDistiller's student) with ``weights``, in eval mode."""
     from detectron2.modeling import build_model
 
     from tbd.config import load_config
 
-    cfg = as_plain_detector(load_config(cfg_path))
+    raw = load_config(cfg_path)
+    cfg = as_plain_detector(raw)
     common.apply_common(cfg, args, cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else test, test)
     model = build_model(cfg)
-    load_detector_weights(model, weights)
+    load_detector_weights(model, weights, distilled_first=raw.MODEL.META_ARCHITECTURE == "TBDistiller")
     model.eval()
     return cfg, model
 
@@ -243,20 +256,27 @@ def threshold_text(t: dict[str, Any]) -> str:
 
 
 def print_tables(summaries: dict[str, dict[str, Any]], dataset: str) -> None:
+    """One row per model (counts, harmonious shares, mean HS), then the IoU distributions (one column
+    per model), with every threshold in the titles."""
     from rich.table import Table
 
-    from tbd.analysis.harmony import bin_labels
+    from tbd.analysis.harmony import bin_labels, thresholds_of
 
-    t = next(iter(summaries.values()))["thresholds"]
+    t = thresholds_of(next(iter(summaries.values())))
     iou_keys = [f"{x:g}" for x in t["reported_iou_thresholds"]]
-    table = Table(title=f"Harmonious predictions on {dataset}\n{threshold_text(t)}")
-    table.add_column("model")
-    table.add_column("images", justify="right")
-    table.add_column("preds", justify="right")
-    table.add_column("easy", justify="right")
+    table = Table(
+        title=f"Harmonious predictions on {dataset}\n{threshold_text(t)}",
+        caption=(
+            "harm.% @x: % of the easy predictions with IoU >= x; IoU easy: their mean IoU; "
+            "HS: mean 1 - tanh(|score - IoU|) over all predictions, HS easy: over the easy ones"
+        ),
+    )
+    table.add_column("model", overflow="fold", min_width=8)
+    for col in ("images", "preds", "easy"):
+        table.add_column(col, justify="right")
     for k in iou_keys:
-        table.add_column(f"harmonious %\nIoU>={k}", justify="right")
-    for col in ("mean IoU\n(easy)", "mean HS", "mean HS\n(easy)"):
+        table.add_column(f"harm.%\n@{k}", justify="right")
+    for col in ("IoU\neasy", "HS", "HS\neasy"):
         table.add_column(col, justify="right")
     for name, s in summaries.items():
         table.add_row(
@@ -271,13 +291,14 @@ def print_tables(summaries: dict[str, dict[str, Any]], dataset: str) -> None:
         )
     console.print(table)
     dist = Table(
-        title=f"IoU of the easily classified predictions (% per bin; score >= {t['score_thresh']:g})"
+        title=f"IoU of the easily classified predictions (score >= {t['score_thresh']:g}), % per bin"
     )
-    dist.add_column("model")
-    for label in bin_labels(t["bin_edges"]):
-        dist.add_column(label, justify="right")
-    for name, s in summaries.items():
-        dist.add_row(name, *(_pct(v) for v in s["easy_iou_shares"]))
+    dist.add_column("IoU bin", no_wrap=True)
+    for name in summaries:
+        dist.add_column(name, justify="right", overflow="fold")
+    shares = [s["easy_iou_shares"] for s in summaries.values()]
+    for i, label in enumerate(bin_labels(t["bin_edges"])):
+        dist.add_row(label, *(_pct(col[i]) for col in shares))
     console.print(dist)
 
 
@@ -297,7 +318,9 @@ def write_outputs(
     from tbd.analysis.plot import plot_harmony
 
     out.mkdir(parents=True, exist_ok=True)
-    thresholds = next(iter(summaries.values()))["thresholds"]
+    from tbd.analysis.harmony import thresholds_of
+
+    thresholds = thresholds_of(next(iter(summaries.values())))
     payload = {
         "dataset": dataset,
         "thresholds": thresholds,
@@ -341,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     summaries: dict[str, dict[str, Any]] = {}
     sources: dict[str, dict[str, str]] = {}
     for name, cfg_path, weights in resolved:
-        cfg, model = build_model_for(name, cfg_path, weights, args, dataset)
+        cfg, model = build_model_for(cfg_path, weights, args, dataset)
         with console.status(f"measuring {name} ..."):
             summaries[name] = measure_harmony(
                 cfg,

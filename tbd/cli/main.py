@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from typing import Any, Sequence
 
-# Detectron2 0.6 on a recent torch triggers deprecation warnings that say nothing to a user.
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-
-import tbd  # noqa: E402
-from tbd.cli import distill, evaluate, export, teachers, train  # noqa: E402
-from tbd.cli.common import UsageError, console  # noqa: E402
+import tbd
+from tbd.cli import distill, evaluate, export, teachers, train
+from tbd.cli.common import UsageError, console, quiet_warnings
 
 _PENDING = {
     "harmony": (
@@ -48,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_warnings()
     parser = build_parser()
     args: Any = parser.parse_args(argv)
     if not getattr(args, "func", None):

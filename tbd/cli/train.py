@@ -58,6 +58,10 @@ def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     """Runs in every process: register the data, train, evaluate; returns the final results."""
     from tbd.engine.trainer import Trainer, TrainingInterrupted
 
+    from tbd.config import register_all
+
+    common.quiet_warnings()  # again: a spawned worker starts with default filters
+    register_all()
     common.resolve_datasets(args)
     common.setup_logging(Path(cfg.OUTPUT_DIR))
     trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False))
