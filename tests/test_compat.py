@@ -120,3 +120,30 @@ def test_launch_runs_two_cpu_processes_with_gloo(tmp_path) -> None:
 
 def test_version() -> None:
     assert tbd.__version__
+
+
+def _ddp_worker(path: str) -> None:
+    from detectron2.engine import defaults
+    from detectron2.utils import comm
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = torch.nn.Linear(2, 2)
+    try:  # what Detectron2 0.6 does on its own: device_ids=[local_rank] for a CPU model
+        DistributedDataParallel(model, device_ids=[comm.get_local_rank()])
+        needed = False
+    except ValueError:
+        needed = True
+    ddp = defaults.create_ddp_model(model, broadcast_buffers=False)
+    ddp(torch.ones(1, 2)).sum().backward()
+    with open(os.path.join(path, f"ddp{comm.get_rank()}.txt"), "w") as f:
+        f.write(f"{needed} {type(ddp).__name__}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the shim only applies without CUDA")
+def test_create_ddp_model_works_on_cpu(tmp_path) -> None:
+    from detectron2.engine import launch
+
+    assert "cpu_ddp_device_ids" in compat.APPLIED
+    launch(_ddp_worker, 2, dist_url="auto", args=(str(tmp_path),))
+    for rank in (0, 1):
+        assert (tmp_path / f"ddp{rank}.txt").read_text() == "True DistributedDataParallel"
