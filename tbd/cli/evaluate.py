@@ -54,11 +54,12 @@ def resolve_run(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def evaluate(cfg_path: Path, weights: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     from tbd.config import load_config
+    from tbd.engine.checkpoint import load_weights_checked
     from tbd.engine.trainer import Trainer
+    from tbd.export import load_student_state, student_cfg
 
     dataset_given = any(getattr(args, k, None) for k in ("dataset", "train_json", "val_json"))
     cfg = load_config(cfg_path)
@@ -67,8 +68,13 @@ def evaluate(cfg_path: Path, weights: Path, args: argparse.Namespace) -> dict[st
         common.resolve_datasets(args)  # registers the embedded dataset (the config's default)
         train, test = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
     common.apply_common(cfg, args, train, test)
+    run_cfg_is_distill = cfg.MODEL.META_ARCHITECTURE == "TBDistiller"
+    cfg = student_cfg(cfg)  # a distillation run is evaluated as its student: no teacher needed
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(str(weights))
+    if run_cfg_is_distill:
+        model.load_state_dict(load_student_state(weights))
+    else:
+        load_weights_checked(model, str(weights))
     return dict(Trainer.test(cfg, model))
 
 

@@ -7,20 +7,8 @@ import sys
 from typing import Any, Sequence
 
 import tbd
-from tbd.cli import distill, evaluate, export, teachers, train
+from tbd.cli import distill, evaluate, export, harmony, teachers, train
 from tbd.cli.common import UsageError, console, quiet_warnings
-
-_PENDING = {
-    "harmony": (
-        "compare harmonious-prediction ratios of models",
-        "Compare the harmonious-prediction ratios of teacher, student and distilled student.",
-    ),
-}
-
-
-def _not_yet(args: argparse.Namespace) -> int:
-    console.print(f"[yellow]`tbd {args.command}` is not available in this version yet.[/]")
-    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,9 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub)
     export.add_parser(sub)
     teachers.add_parser(sub)
-    for name, (short, long) in _PENDING.items():
-        p = sub.add_parser(name, help=short, description=long)
-        p.set_defaults(func=_not_yet)
+    harmony.add_parser(sub)
     return parser
 
 

@@ -56,9 +56,8 @@ def build_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
 
 def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     """Runs in every process: register the data, train, evaluate; returns the final results."""
-    from tbd.engine.trainer import Trainer, TrainingInterrupted
-
     from tbd.config import register_all
+    from tbd.engine.trainer import Trainer, TrainingInterrupted
 
     common.quiet_warnings()  # again: a spawned worker starts with default filters
     register_all()
