@@ -117,15 +117,26 @@ def test_export_loads_in_plain_detectron2_with_same_ap(distilled: Path) -> None:
     assert evaluated == pytest.approx(reported, abs=1e-6, nan_ok=True)
 
 
+def test_one_image_per_process_with_batchnorm_is_refused(tmp_path: Path, capsys) -> None:
+    args = ["train", "--model", "r18", "--num-gpus", "2", "--output", str(tmp_path / "r"), *_common(tmp_path)]
+    assert main(args) == 2
+    assert "BatchNorm needs at least 2" in capsys.readouterr().out
+
+
 def test_distill_runs_in_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
     """`--num-gpus 2` on a CPU machine: detectron2.engine.launch starts 2 GLOO workers."""
     args = [
         "distill", "--teacher", "r50", "--student", "r18", "--head", "tal", "--num-gpus", "2",
         "--teacher-iters", "1", "--iters", "2", "--no-harmony",
         "--teacher-cache", str(tmp_path / "cache"), "--output", str(tmp_path / "run"),
-        *_common(tmp_path),
+        *_common(tmp_path), "--batch-size", "4",  # 2 images per process: BatchNorm needs >= 2
     ]  # fmt: skip
-    assert main(args) == 0
+    # as a user runs it: a fresh interpreter whose __main__ (re-imported by every spawned worker)
+    # is tbd's command line
+    proc = subprocess.run(
+        [sys.executable, "-m", "tbd.cli.main", *args], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     run = tmp_path / "run"
     assert (run / "model_final.pth").is_file()
     rows = [json.loads(line) for line in (run / "metrics.json").read_text().splitlines()]

@@ -151,6 +151,32 @@ def apply_common(cfg: CfgNode, args: argparse.Namespace, train: str, test: str) 
     return cfg
 
 
+def check_batch_per_process(cfg: CfgNode, world_size: int) -> None:
+    """BatchNorm in training needs at least 2 images per process (1x1 maps on the top levels)."""
+    per_process, rest = divmod(cfg.SOLVER.IMS_PER_BATCH, world_size)
+    if rest:
+        raise UsageError(
+            f"--batch-size {cfg.SOLVER.IMS_PER_BATCH} does not split over {world_size} processes; "
+            "use a multiple of the process count"
+        )
+    uses_bn = any(v == "BN" for k, v in _flat_items(cfg) if k.endswith("NORM"))
+    if per_process < 2 and uses_bn:
+        raise UsageError(
+            f"each of the {world_size} processes would train on {per_process} image per batch, and "
+            "BatchNorm needs at least 2: raise --batch-size, or use SyncBN/GN norms in the config"
+        )
+
+
+def _flat_items(node: CfgNode, prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            items.extend(_flat_items(value, f"{prefix}{key}."))
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
 # --- output directories --------------------------------------------------------------------
 FINISHED_MARKER = "model_final.pth"
 

@@ -123,6 +123,7 @@ def train_teacher_here(args: argparse.Namespace, spec: Any, iters: int, train: s
     targs = argparse.Namespace(**vars(args))
     targs.iters, targs.opts, targs.resume, targs.lr, targs.eval_period = iters, [], resume, None, 0
     common.apply_common(cfg, targs, train, test)
+    common.check_batch_per_process(cfg, args.num_gpus * args.num_machines)
     cfg.OUTPUT_DIR = str(out)
     (out / "config.yaml").write_text(cfg.dump())
     _run(cfg, targs)
@@ -131,17 +132,24 @@ def train_teacher_here(args: argparse.Namespace, spec: Any, iters: int, train: s
     return str(final)
 
 
+def student_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
+    """The student's own config with the run's datasets, classes, device and schedule."""
+    from tbd.config import load_config
+
+    spec = _student_spec(args)
+    cfg = load_config(spec.config, spec.opts)
+    return common.apply_common(cfg, args, train, test)
+
+
 def build_distill_cfg(
     args: argparse.Namespace, train: str, test: str, teacher_config: Path, teacher_weights: str
 ) -> CfgNode:
     from tbd.config import load_config
 
-    spec = _student_spec(args)
-    cfg = load_config(spec.config, spec.opts)
-    common.apply_common(cfg, args, train, test)
+    cfg = student_train_cfg(args, train, test)
     student_arch = cfg.MODEL.META_ARCHITECTURE
     if student_arch == "TBDistiller":
-        raise UsageError(f"{spec.config} is already a distillation config; pass a student config")
+        raise UsageError(f"{args.student} is already a distillation config; pass a student config")
     # the teacher's config is adapted the same way (class count, device, datasets)
     t_cfg = load_config(teacher_config)
     before = {k: v for k, v in _flat(t_cfg).items()}
@@ -286,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
 
     train, test = common.resolve_datasets(args)
     out = common.prepare_output_dir(args.output, args.resume, args.overwrite)
+    common.check_batch_per_process(student_train_cfg(args, train, test), args.num_gpus * args.num_machines)
     teacher_config, teacher_weights = resolve_teacher(args, train, test)
     cfg = build_distill_cfg(args, train, test, teacher_config, teacher_weights)
     (out / "config.yaml").write_text(cfg.dump())

@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     train, test = common.resolve_datasets(args)
     out = common.prepare_output_dir(args.output, args.resume, args.overwrite)
     cfg = build_train_cfg(args, train, test)
+    common.check_batch_per_process(cfg, args.num_gpus * args.num_machines)
     (out / "config.yaml").write_text(cfg.dump())
     console.print(
         f"[bold]tbd train[/] {args.model} on {train} -> {out}  "
