@@ -172,6 +172,17 @@ def build_distill_cfg(
     return cfg
 
 
+def check_pair(cfg: CfgNode) -> None:
+    """Build the distiller once before training, so a bad pair fails with a clear message."""
+    from tbd.distill.distiller import TBDistiller
+    from tbd.engine.checkpoint import WeightsMismatchError
+
+    try:
+        TBDistiller(cfg)
+    except (WeightsMismatchError, FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
+        raise UsageError(f"the teacher/student pair cannot be used: {err}") from err
+
+
 def common_num_classes(test: str) -> int:
     from tbd.data import num_classes
 
@@ -297,9 +308,10 @@ def run(args: argparse.Namespace) -> int:
     common.check_batch_per_process(student_train_cfg(args, train, test), args.num_gpus * args.num_machines)
     teacher_config, teacher_weights = resolve_teacher(args, train, test)
     cfg = build_distill_cfg(args, train, test, teacher_config, teacher_weights)
+    check_pair(cfg)
     (out / "config.yaml").write_text(cfg.dump())
     console.print(
-        f"[bold]tbd distill[/] {args.teacher} -> {args.student} ({args.head}) on {train} -> {out}  "
+        f"[bold]tbd distill[/] {args.teacher_config or args.teacher} -> {args.student} ({args.head}) on {train} -> {out}  "
         f"({cfg.SOLVER.MAX_ITER} iterations, batch {cfg.SOLVER.IMS_PER_BATCH}, {cfg.MODEL.DEVICE})"
     )
     results = _run(cfg, args)

@@ -57,7 +57,7 @@ def evaluate(cfg_path: Path, weights: Path, args: argparse.Namespace) -> dict[st
     from detectron2.modeling import build_model
 
     from tbd.config import load_config
-    from tbd.engine.checkpoint import load_weights_checked
+    from tbd.engine.checkpoint import WeightsMismatchError, load_weights_checked
     from tbd.engine.trainer import Trainer
     from tbd.export import load_student_state, student_cfg
 
@@ -71,10 +71,13 @@ def evaluate(cfg_path: Path, weights: Path, args: argparse.Namespace) -> dict[st
     run_cfg_is_distill = cfg.MODEL.META_ARCHITECTURE == "TBDistiller"
     cfg = student_cfg(cfg)  # a distillation run is evaluated as its student: no teacher needed
     model = build_model(cfg)
-    if run_cfg_is_distill:
-        model.load_state_dict(load_student_state(weights))
-    else:
-        load_weights_checked(model, str(weights))
+    try:
+        if run_cfg_is_distill:
+            model.load_state_dict(load_student_state(weights))
+        else:
+            load_weights_checked(model, str(weights))
+    except (WeightsMismatchError, RuntimeError) as err:
+        raise UsageError(f"cannot evaluate {weights} with {cfg_path}: {err}") from err
     return dict(Trainer.test(cfg, model))
 
 

@@ -49,6 +49,8 @@ def build_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
         raise UsageError(str(err)) from err
     cfg = load_config(spec.config, spec.opts)
     common.apply_common(cfg, args, train, test)
+    if args.weights and "://" not in args.weights and not Path(args.weights).is_file():
+        raise UsageError(f"--weights {args.weights} does not exist; pass a checkpoint file or a URL")
     cfg.MODEL.WEIGHTS = args.weights or ""
     cfg.OUTPUT_DIR = str(args.output)
     return cfg
@@ -57,7 +59,7 @@ def build_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
 def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     """Runs in every process: register the data, train, evaluate; returns the final results."""
     from tbd.config import register_all
-    from tbd.engine.trainer import Trainer, TrainingInterrupted
+    from tbd.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
     common.quiet_warnings()  # again: a spawned worker starts with default filters
     register_all()
@@ -68,6 +70,10 @@ def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     try:
         trainer.train()
         results = getattr(trainer, "_last_eval_results", None) or {}
+    except NonFiniteLossError as err:
+        if comm.is_main_process():
+            console.print(f"[bold red]training stopped:[/] {err}", soft_wrap=True)
+        raise SystemExit(1) from None
     except TrainingInterrupted as stop:
         if comm.is_main_process():
             console.print(

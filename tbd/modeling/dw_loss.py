@@ -22,16 +22,23 @@ from tbd.modeling.dw_weights import (
 from tbd.ops.boxes import aligned_iou, giou_loss, ltrb_decode, points_in_boxes
 
 _LN2 = math.log(2.0)
+#: smallest ``1 - s`` (equivalently ``-log s``) the background term sees. Its gradient with respect
+#: to ``log s`` is about ``1 / (1 - s)``, and the C classes of a location share one centerness
+#: logit, whose gradient sums C of them before the chain rule brings it back to O(1): at 1e-38
+#: (the former floor) four classes near s = 1 overflowed float32 to inf; 1e-30 leaves room for
+#: ~1e8 classes. The term is therefore capped at -log(1e-30) = 69.1 (and at ``max_value``).
+_MIN_ONE_MINUS_P = 1e-30
 
 
 def neg_log_one_minus_exp(log_p: Tensor, max_value: float = 100.0) -> Tensor:
     """``-log(1 - exp(log_p))`` for ``log_p <= 0``, stable at both ends, capped at ``max_value``.
 
     This is the background cross-entropy ``-log(1 - s)`` of a probability known by its log, such
-    as the joint score ``s = sigmoid(cls) * sigmoid(ctr)``. The cap matches the -100 clamp of
-    ``F.binary_cross_entropy``.
+    as the joint score ``s = sigmoid(cls) * sigmoid(ctr)``. The cap plays the part of the -100
+    clamp of ``F.binary_cross_entropy``; in practice it is ``min(max_value, 69.1)`` (see
+    ``_MIN_ONE_MINUS_P``), and beyond it the gradient is 0, as beyond that clamp.
     """
-    x = log_p.clamp(max=-max(math.exp(-max_value), 1e-38))  # stay a normal float32
+    x = log_p.clamp(max=-max(math.exp(-max_value), _MIN_ONE_MINUS_P))
     near_one = x > -_LN2
     # each branch only ever sees inputs where it is well-conditioned, so no inf/NaN gradients leak
     a = torch.log(-torch.expm1(torch.where(near_one, x, torch.full_like(x, -_LN2))))
