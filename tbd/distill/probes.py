@@ -118,6 +118,25 @@ def decode_anchor_levels(
     return out
 
 
+def decode_point_levels(
+    features: Sequence[Tensor],
+    cls_maps: Sequence[Tensor],
+    ltrb_maps: Sequence[Tensor],
+    points: Sequence[Tensor],
+    strides: Sequence[int],
+    decode: Callable[[Tensor, Tensor], Tensor],
+) -> list[LevelPrediction]:
+    """Anchor-free heads with one point per location (``A = 1``): logits ``[B, K, H, W]`` and
+    ltrb distances ``[B, 4, H, W]`` in pixels, decoded by the model's own ``decode(points, ltrb)``."""
+    out = []
+    for feat, cls, reg, pts, stride in zip(features, cls_maps, ltrb_maps, points, strides):
+        b, _, h, w = cls.shape
+        boxes = decode(pts.to(reg.device, reg.dtype), reg.flatten(2).transpose(1, 2))  # [B, HW, 4]
+        logits = cls.float().permute(0, 2, 3, 1).reshape(b, h, w, 1, -1)
+        out.append(LevelPrediction(int(stride), feat.float(), logits, boxes.float().reshape(b, h, w, 1, 4)))
+    return out
+
+
 class DenseDetectorAdapter(ProbeAdapter):
     """RetinaNet and Detectron2's FCOS: ``model.head`` on ``model.head_in_features``."""
 

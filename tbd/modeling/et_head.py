@@ -24,8 +24,7 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torch import Tensor, nn
 
-from tbd.modeling.tal import TALAssignment, TaskAlignedAssigner, reduced_normalizer, scatter_class_targets
-from tbd.modeling.tal_atss import ATSSAssigner
+from tbd.modeling.tal import TALAssignment, reduced_normalizer, scatter_class_targets
 from tbd.modeling.tal_detector import FlatPredictions, TALDetector, flatten_levels
 from tbd.ops.boxes import giou_loss, ltrb_encode
 from tbd.ops.losses import distribution_focal_loss, varifocal_loss
@@ -139,24 +138,7 @@ class ETHeadDetector(TALDetector):
             norm=ec.NORM,
             prior_prob=ec.PRIOR_PROB,
         )
-        tal = cfg.MODEL.TAL
-        super().__init__(
-            backbone,
-            head,
-            in_features,
-            num_classes=ec.NUM_CLASSES,
-            assigner=TaskAlignedAssigner(tal.TOPK, tal.ALPHA, tal.BETA, tal.MAX_CHUNK_ELEMENTS),
-            warmup_assigner=ATSSAssigner(tal.ATSS_TOPK, tal.ATSS_ANCHOR_SCALE)
-            if tal.WARMUP_ITERS > 0
-            else None,
-            warmup_iters=tal.WARMUP_ITERS,
-            test_score_thresh=ec.SCORE_THRESH_TEST,
-            test_topk_candidates=ec.TOPK_CANDIDATES_TEST,
-            test_nms_thresh=ec.NMS_THRESH_TEST,
-            max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-            pixel_mean=cfg.MODEL.PIXEL_MEAN,
-            pixel_std=cfg.MODEL.PIXEL_STD,
-        )
+        super().__init__(backbone, head, in_features, **self.config_kwargs(cfg, ec))
         if ec.VFL_TARGET not in ("iou", "t_hat"):
             raise ValueError(f"MODEL.ETHEAD.VFL_TARGET must be 'iou' or 't_hat', got {ec.VFL_TARGET!r}")
         self.reg_max = ec.REG_MAX

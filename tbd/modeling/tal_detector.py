@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Sequence
 
 import torch
+from detectron2.config import CfgNode as CN
 from detectron2.layers import batched_nms
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
 from detectron2.structures import Boxes, ImageList, Instances
@@ -37,6 +38,24 @@ def flatten_levels(per_level: Sequence[Tensor], dim: int) -> Tensor:
 
 class TALDetector(DenseDetector):
     """Base class: points, TAL (or ATSS warm-up) assignment, inference."""
+
+    @staticmethod
+    def config_kwargs(cfg: CN, head_cfg: CN) -> dict[str, Any]:
+        """The keyword arguments every TAL head takes from ``MODEL.TAL`` and its own node."""
+        tal = cfg.MODEL.TAL
+        warmup = ATSSAssigner(tal.ATSS_TOPK, tal.ATSS_ANCHOR_SCALE) if tal.WARMUP_ITERS > 0 else None
+        return {
+            "num_classes": head_cfg.NUM_CLASSES,
+            "assigner": TaskAlignedAssigner(tal.TOPK, tal.ALPHA, tal.BETA, tal.MAX_CHUNK_ELEMENTS),
+            "warmup_assigner": warmup,
+            "warmup_iters": tal.WARMUP_ITERS,
+            "test_score_thresh": head_cfg.SCORE_THRESH_TEST,
+            "test_topk_candidates": head_cfg.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": head_cfg.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
 
     def __init__(
         self,

@@ -27,8 +27,7 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torch import Tensor, nn
 
-from tbd.modeling.tal import TALAssignment, TaskAlignedAssigner, task_aligned_losses
-from tbd.modeling.tal_atss import ATSSAssigner
+from tbd.modeling.tal import TALAssignment, task_aligned_losses
 from tbd.modeling.tal_detector import FlatPredictions, TALDetector, flatten_levels
 
 _MAX_LOG_DISTANCE = 10.0  # exp() input cap for the distances (in strides): ~2e4 strides
@@ -183,24 +182,7 @@ class TOOD(TALDetector):
             norm=tc.NORM,
             prior_prob=tc.PRIOR_PROB,
         )
-        tal = cfg.MODEL.TAL
-        super().__init__(
-            backbone,
-            head,
-            in_features,
-            num_classes=tc.NUM_CLASSES,
-            assigner=TaskAlignedAssigner(tal.TOPK, tal.ALPHA, tal.BETA, tal.MAX_CHUNK_ELEMENTS),
-            warmup_assigner=ATSSAssigner(tal.ATSS_TOPK, tal.ATSS_ANCHOR_SCALE)
-            if tal.WARMUP_ITERS > 0
-            else None,
-            warmup_iters=tal.WARMUP_ITERS,
-            test_score_thresh=tc.SCORE_THRESH_TEST,
-            test_topk_candidates=tc.TOPK_CANDIDATES_TEST,
-            test_nms_thresh=tc.NMS_THRESH_TEST,
-            max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-            pixel_mean=cfg.MODEL.PIXEL_MEAN,
-            pixel_std=cfg.MODEL.PIXEL_STD,
-        )
+        super().__init__(backbone, head, in_features, **self.config_kwargs(cfg, tc))
         self.focal_gamma = tc.FOCAL_GAMMA
         self.cls_loss_weight = tc.CLS_LOSS_WEIGHT
         self.box_loss_weight = tc.BOX_LOSS_WEIGHT
