@@ -295,7 +295,13 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         "student": {"name": args.student, "head": args.head, **rows["student"]},
         "dataset": {"train": cfg.DATASETS.TRAIN[0], "test": cfg.DATASETS.TEST[0]},
         "iterations": cfg.SOLVER.MAX_ITER,
-        "distill": {"hd_weight": cfg.DISTILL.HD_WEIGHT, "tfd_weight": cfg.DISTILL.TFD_WEIGHT},
+        "distill": {
+            "method": cfg.DISTILL.METHOD,
+            "hd_weight": cfg.DISTILL.HD_WEIGHT,
+            "tfd_weight": cfg.DISTILL.TFD_WEIGHT,
+            "pc_mode": cfg.DISTILL.PC_MODE,
+            "tfd_mode": cfg.DISTILL.TFD_MODE,
+        },
     }
     return summary
 

@@ -42,6 +42,12 @@ def add_tbd_config(cfg: CN) -> None:
     d.CHECK_NUM_CLASSES = True
     # FPN strides distilled; empty = every stride both models have (others skipped, one warning).
     d.STRIDES = []
+    # Which distillation: "tbd" (HD + TFD), or a peer baseline (tbd.distill.peers):
+    # "mimic_mse" (plain FPN mimicking) or "cls_mask_mimic" (teacher-p_c-masked mimicking, the
+    # paper's eq. 1). Peers return ``loss_mimic = MIMIC_WEIGHT * L`` and no HD/TFD.
+    d.METHOD = "tbd"
+    # Weight of a peer's loss; the default equals TFD_WEIGHT so both live on the same scale.
+    d.MIMIC_WEIGHT = 0.0005
     # --- losses ---------------------------------------------------------------------------------
     d.HD_WEIGHT = 1.0  # alpha
     d.TFD_WEIGHT = 0.0005  # beta (measured: docs/CONFIG.md)
@@ -68,7 +74,10 @@ def add_tbd_config(cfg: CN) -> None:
 def validate_tbd_config(cfg: CN) -> None:
     """Raise ``ValueError`` naming the key when a ``DISTILL`` value is not one of its choices."""
     d = cfg.DISTILL
+    from .peers import METHODS
+
     for key, choices in (
+        ("METHOD", METHODS),
         ("PC_MODE", PC_MODES),
         ("HD_MODE", HD_MODES),
         ("TFD_MODE", TFD_MODES),
@@ -79,5 +88,7 @@ def validate_tbd_config(cfg: CN) -> None:
             raise ValueError(f"DISTILL.{key} = {d[key]!r}; expected one of {choices}")
     if not 0.0 <= d.TWG.MIN_WEIGHT < 0.5:
         raise ValueError(f"DISTILL.TWG.MIN_WEIGHT = {d.TWG.MIN_WEIGHT}; expected 0 <= m < 0.5")
-    if d.HD_WEIGHT < 0 or d.TFD_WEIGHT < 0:
-        raise ValueError("DISTILL.HD_WEIGHT and DISTILL.TFD_WEIGHT must be non-negative")
+    if d.HD_WEIGHT < 0 or d.TFD_WEIGHT < 0 or d.MIMIC_WEIGHT < 0:
+        raise ValueError(
+            "DISTILL.HD_WEIGHT, DISTILL.TFD_WEIGHT and DISTILL.MIMIC_WEIGHT must be non-negative"
+        )

@@ -23,6 +23,7 @@ from tbd.ops.boxes import pad_boxes
 from .adapters import FeatureAdapters
 from .config import validate_tbd_config
 from .losses import TaskMaps, feature_distance, harmony_distillation_loss, tfd_loss
+from .peers import METHODS, peer_loss
 from .probes import LevelPrediction, Probe, get_probe_adapter
 from .task_probs import classification_probability, regression_probability
 from .twg import TaskWeightGenerator
@@ -56,6 +57,9 @@ class TBDistiller(nn.Module):
         teacher_input_format, student_input_format: ``"BGR"``/``"RGB"``; when they differ the
             channels are flipped for the teacher. Default: the models' ``input_format``.
         check_num_classes: refuse pairs with different class counts.
+        method: ``"tbd"`` (HD + TFD) or a peer baseline of :mod:`tbd.distill.peers`
+            (``"mimic_mse"``, ``"cls_mask_mimic"``), which returns ``loss_mimic`` instead.
+        mimic_weight: the weight of a peer's loss.
     """
 
     @configurable
@@ -80,6 +84,8 @@ class TBDistiller(nn.Module):
         teacher_input_format: str | None = None,
         student_input_format: str | None = None,
         check_num_classes: bool = True,
+        method: str = "tbd",
+        mimic_weight: float = 0.0005,
     ) -> None:
         super().__init__()
         if isinstance(student, TBDistiller) or isinstance(teacher, TBDistiller):
@@ -105,9 +111,14 @@ class TBDistiller(nn.Module):
         self.adapters = FeatureAdapters(
             {s: s_ch[s] for s in self.strides}, {s: t_ch[s] for s in self.strides}, kind=adapter
         )
+        if method not in METHODS:
+            raise ValueError(f"unknown distillation method {method!r}; expected one of {METHODS}")
+        self.method = method
+        self.mimic_weight = float(mimic_weight)
+        # a peer baseline has no TWG: no parameter that never gets a gradient
         self.twg = (
             TaskWeightGenerator(twg_hidden_dim, twg_min_weight, twg_detach_inputs)
-            if tfd_mode == "twg"
+            if tfd_mode == "twg" and method == "tbd"
             else None
         )
         if tfd_mode not in ("twg", "fixed"):
@@ -155,6 +166,8 @@ class TBDistiller(nn.Module):
             "teacher_input_format": teacher_format,
             "student_input_format": cfg.INPUT.FORMAT,
             "check_num_classes": d.CHECK_NUM_CLASSES,
+            "method": d.METHOD,
+            "mimic_weight": d.MIMIC_WEIGHT,
         }
 
     @classmethod
@@ -287,6 +300,8 @@ class TBDistiller(nn.Module):
             h, w = min(t.size[0], s.size[0]), min(t.size[1], s.size[1])
             t_levels.append(t.crop(h, w))
             s_levels.append(s.crop(h, w))
+        if self.method != "tbd":
+            return self.peer_losses(t_levels, s_levels)
         t_maps = self.task_maps(t_levels, gt_boxes, gt_mask)
         s_maps = self.task_maps(s_levels, gt_boxes, gt_mask)
         zero = s_levels[0].feature.sum() * 0.0
@@ -316,6 +331,21 @@ class TBDistiller(nn.Module):
                     scalars[f"tbd/twg_w_cls_s{stride}"] = w_cls
         _put_scalars(scalars)
         return {"loss_hd": self.hd_weight * hd, "loss_tfd": self.tfd_weight * tfd}
+
+    def peer_losses(
+        self, t_levels: Sequence[LevelPrediction], s_levels: Sequence[LevelPrediction]
+    ) -> dict[str, Tensor]:
+        """``loss_mimic`` of a peer baseline (``DISTILL.METHOD``) on already matched, cropped levels."""
+        distances = [
+            feature_distance(t.feature, self.adapters(s.feature, s.stride))
+            for t, s in zip(t_levels, s_levels)
+        ]
+        teacher_pc = None
+        if self.method == "cls_mask_mimic":
+            teacher_pc = [classification_probability(t.logits, self.pc_mode) for t in t_levels]
+        loss = peer_loss(self.method, distances, teacher_pc)
+        _put_scalars({f"tbd/{self.method}": loss.item()})
+        return {"loss_mimic": self.mimic_weight * loss}
 
 
 def _put_scalars(scalars: dict[str, float]) -> None:

@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Accuracy side by side: baseline, TBD ablations and peer baselines, several seeds, one schedule.
+
+Every (variant, seed) is one run of the ``tbd`` CLI in its own directory ``--out/<variant>/seed<S>``:
+
+- ``baseline``: ``tbd train --model r18 --head H`` (no distillation), then ``tbd harmony --run``;
+- every other variant: ``tbd distill --teacher T --student r18 --head H -- DISTILL.<...>``, whose
+  ``summary.json`` holds the teacher's and the student's AP and harmonious ratios.
+
+The same ``--seed S`` is passed to every variant of seed index S (same data order and init). The
+teacher is trained once by the first distill run and cached (``--teacher-cache``); every later run
+reuses it. A run whose results already exist is skipped and an interrupted one is resumed, so the
+script can be re-run in the background until everything is done. At the end it prints mean ± std
+over seeds (AP, AP50, AP75, harmonious share, mean HS of the easy predictions) and writes json.
+
+Tiny check (minutes):
+
+    .venv/bin/python scripts/bench_accuracy.py --seeds 0 --iters 2 --batch-size 2 \\
+        --num-train-images 8 --num-val-images 8 --teacher r50 --teacher-iters 2 \\
+        --variants baseline mimic_mse --out /tmp/bench_acc_tiny
+
+The long command is in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: variant -> (None for ``tbd train``, else the DISTILL overrides of ``tbd distill``)
+VARIANTS: dict[str, list[str] | None] = {
+    "baseline": None,
+    "hd_only": ["DISTILL.TFD_WEIGHT", "0.0"],
+    "tfd_fixed": ["DISTILL.HD_WEIGHT", "0.0", "DISTILL.TFD_MODE", "fixed"],
+    "tfd_twg": ["DISTILL.HD_WEIGHT", "0.0", "DISTILL.TFD_MODE", "twg"],
+    "tbd_full": [],
+    # mimic_mse averages its levels where TFD and cls_mask_mimic sum them: at the start its raw value
+    # is ~1/5 of theirs (docs/BENCHMARKS.md), so 5x the weight gives every feature loss the same budget
+    "mimic_mse": ["DISTILL.METHOD", "mimic_mse", "DISTILL.MIMIC_WEIGHT", "0.0025"],
+    "cls_mask_mimic": ["DISTILL.METHOD", "cls_mask_mimic"],
+}
+PC_MODES = ("sigmoid", "softmax_max1", "spatial_softmax")
+METRICS = ("AP", "AP50", "AP75", "harmonious_share", "mean_hs_easy")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/bench_accuracy"), help="one folder per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--pc-modes",
+        nargs="*",
+        default=[],
+        choices=PC_MODES,
+        help="also run tbd_full with each of these DISTILL.PC_MODE values (variant tbd_full_pc_<mode>)",
+    )
+    p.add_argument("--teacher", default="r50", help="teacher name (tbd teachers): r50 or r101")
+    p.add_argument("--teacher-iters", type=int, default=3000, help="iterations of the cached teacher")
+    p.add_argument("--teacher-cache", type=Path, help="teacher cache (default: the CLI's)")
+    p.add_argument("--student", default="r18")
+    p.add_argument("--head", default="tal", help="student head for every variant (default tal)")
+    p.add_argument("--iters", type=int, default=3000, help="student iterations (all variants)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-train-images", type=int, default=2000)
+    p.add_argument("--num-val-images", type=int, default=200)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="OMP/torch threads per run (0: leave as is)")
+    p.add_argument("--json", type=Path, help="results json (default: --out/accuracy.json)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--table-only", action="store_true", help="only collect what exists and print it")
+    p.add_argument(
+        "opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="extra config overrides for every run"
+    )
+    return p.parse_args(argv)
+
+
+def variant_overrides(args: argparse.Namespace) -> dict[str, list[str] | None]:
+    chosen = {v: VARIANTS[v] for v in args.variants}
+    for mode in args.pc_modes:
+        chosen[f"tbd_full_pc_{mode}"] = ["DISTILL.PC_MODE", mode]
+    return chosen
+
+
+def _tbd() -> list[str]:
+    return [sys.executable, "-m", "tbd.cli.main"]
+
+
+def _common_flags(args: argparse.Namespace, seed: int) -> list[str]:
+    flags = [
+        "--iters",
+        str(args.iters),
+        "--batch-size",
+        str(args.batch_size),
+        "--num-train-images",
+        str(args.num_train_images),
+        "--num-val-images",
+        str(args.num_val_images),
+        "--seed",
+        str(seed),
+        "--device",
+        args.device,
+    ]
+    return flags
+
+
+def _extra_opts(args: argparse.Namespace) -> list[str]:
+    return [o for o in (args.opts or []) if o != "--"]
+
+
+def run_commands(
+    args: argparse.Namespace, variant: str, overrides: list[str] | None, seed: int, run_dir: Path
+) -> list[list[str]]:
+    """The CLI commands of one run (``--resume`` added when an interrupted run is found)."""
+    resume = ["--resume"] if (run_dir / "last_checkpoint").is_file() else []
+    common = _common_flags(args, seed)
+    extra = _extra_opts(args)
+    if overrides is None:
+        train = [*_tbd(), "train", "--model", args.student, "--head", args.head, "-o", str(run_dir)]
+        train += [*resume, *common]
+        if extra:
+            train += ["--", *extra]
+        harmony = [*_tbd(), "harmony", "--run", f"student={run_dir}", "-o", str(run_dir / "harmony")]
+        harmony += ["--num-train-images", str(args.num_train_images)]
+        harmony += ["--num-val-images", str(args.num_val_images), "--device", args.device]
+        cmds = [] if (run_dir / "results.json").is_file() else [train]
+        return cmds + [harmony]
+    cmd = [*_tbd(), "distill", "--teacher", args.teacher, "--teacher-iters", str(args.teacher_iters)]
+    cmd += ["--student", args.student, "--head", args.head, "-o", str(run_dir), *resume, *common]
+    if args.teacher_cache:
+        cmd += ["--teacher-cache", str(args.teacher_cache)]
+    cmd += ["--", *overrides, *extra]
+    return [cmd]
+
+
+def is_done(run_dir: Path, overrides: list[str] | None) -> bool:
+    if overrides is None:
+        return (run_dir / "results.json").is_file() and (run_dir / "harmony" / "harmony.json").is_file()
+    return (run_dir / "summary.json").is_file()
+
+
+def execute(cmds: list[list[str]], run_dir: Path, threads: int) -> float:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(run_dir / "bench_stdout.log", "a") as log:
+        for cmd in cmds:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            if rc != 0:
+                raise RuntimeError(f"exit {rc}: {' '.join(cmd)} (log: {run_dir / 'bench_stdout.log'})")
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------- collecting results
+def _row(bbox: dict[str, Any], harmony: dict[str, Any] | None) -> dict[str, float | None]:
+    h = harmony or {}
+    row: dict[str, float | None] = {k: _num(bbox.get(k)) for k in ("AP", "AP50", "AP75")}
+    row["harmonious_share"] = _num(h.get("harmonious_share"))
+    row["mean_hs_easy"] = _num(h.get("mean_hs_easy", h.get("mean_hs")))
+    return row
+
+
+def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def read_run(run_dir: Path, overrides: list[str] | None) -> dict[str, Any] | None:
+    """``{"student": row, "teacher": row | None}`` of a finished run, else ``None``."""
+    if not is_done(run_dir, overrides):
+        return None
+    if overrides is None:
+        bbox = json.loads((run_dir / "results.json").read_text()).get("bbox", {})
+        models = json.loads((run_dir / "harmony" / "harmony.json").read_text())["models"]
+        return {"student": _row(bbox, next(iter(models.values()))), "teacher": None}
+    s = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "student": _row(s["student"].get("bbox", {}), s["student"].get("harmony")),
+        "teacher": _row(s["teacher"].get("bbox", {}), s["teacher"].get("harmony")),
+    }
+
+
+def aggregate(rows: list[dict[str, float | None]]) -> dict[str, dict[str, float | int | None]]:
+    out: dict[str, dict[str, float | int | None]] = {}
+    for m in METRICS:
+        vals = [r[m] for r in rows if r.get(m) is not None]
+        out[m] = {
+            "mean": statistics.fmean(vals) if vals else None,
+            "std": statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None),
+            "n": len(vals),
+        }
+    return out
+
+
+def _fmt(stat: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def format_table(table: dict[str, dict[str, Any]], n_seeds: dict[str, int]) -> str:
+    head = f"| {'variant':<26} | seeds | {'AP':>11} | {'AP50':>11} | {'AP75':>11} | {'harm. %':>11} "
+    head += f"| {'mean HS easy':>13} | ΔAP vs baseline |"
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    base = table.get("baseline", {}).get("AP", {}).get("mean")
+    for name, stats in table.items():
+        ap = stats["AP"]["mean"]
+        delta = "-" if ap is None or base is None or name == "baseline" else f"{ap - base:+.1f}"
+        lines.append(
+            f"| {name:<26} | {n_seeds.get(name, 0):>5} | {_fmt(stats['AP']):>11} | {_fmt(stats['AP50']):>11} "
+            f"| {_fmt(stats['AP75']):>11} | {_fmt(stats['harmonious_share'], 100):>11} "
+            f"| {_fmt(stats['mean_hs_easy'], 1, 3):>13} | {delta:>15} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    variants = variant_overrides(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    commands: dict[str, list[str]] = {}
+    wall: dict[str, float] = {}
+    failures: dict[str, str] = {}
+    # seed-major order: one full comparison per seed is usable before the next seed starts
+    for seed in args.seeds:
+        for name, overrides in variants.items():
+            run_dir = args.out / name / f"seed{seed}"
+            key = f"{name}/seed{seed}"
+            if is_done(run_dir, overrides) or args.table_only:
+                continue
+            cmds = run_commands(args, name, overrides, seed, run_dir)
+            commands[key] = [" ".join(c) for c in cmds]
+            print(f"[{key}] " + "\n    ".join(commands[key]), flush=True)
+            if args.dry_run:
+                continue
+            try:
+                wall[key] = execute(cmds, run_dir, args.threads)
+                print(f"[{key}] done in {wall[key]:.0f}s", flush=True)
+            except RuntimeError as err:  # keep going: one failed run must not lose the others
+                failures[key] = str(err)
+                print(f"[{key}] FAILED: {err}", flush=True)
+    if args.dry_run:
+        return 0
+
+    runs: dict[str, dict[str, Any]] = {}
+    per_variant: dict[str, list[dict[str, float | None]]] = {}
+    teacher_rows: list[dict[str, float | None]] = []
+    for name, overrides in variants.items():
+        for seed in args.seeds:
+            got = read_run(args.out / name / f"seed{seed}", overrides)
+            if got is None:
+                continue
+            runs[f"{name}/seed{seed}"] = got
+            per_variant.setdefault(name, []).append(got["student"])
+            if got["teacher"] is not None:
+                teacher_rows.append(got["teacher"])
+    table: dict[str, dict[str, Any]] = {}
+    n_seeds: dict[str, int] = {}
+    if teacher_rows:  # one cached teacher: every summary reports the same numbers
+        table[f"teacher ({args.teacher})"] = aggregate(teacher_rows[:1])
+        n_seeds[f"teacher ({args.teacher})"] = 1
+    for name in variants:
+        if name in per_variant:
+            table[name] = aggregate(per_variant[name])
+            n_seeds[name] = len(per_variant[name])
+    text = format_table(table, n_seeds)
+    print(text)
+    print(
+        f"{args.student}-{args.head} student, teacher {args.teacher} ({args.teacher_iters} it), "
+        f"{args.iters} it, batch {args.batch_size}, {args.num_train_images} train / "
+        f"{args.num_val_images} val images, seeds {args.seeds}; mean ± sample std over seeds; "
+        "harmonious: score >= 0.5 and IoU >= 0.7 (tbd harmony defaults)"
+    )
+    payload = {
+        "meta": {
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "variants": variants,
+            "machine": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
+        "commands": commands,
+        "wall_s": wall,
+        "failures": failures,
+        "runs": runs,
+        "table": table,
+    }
+    json_path = args.json or args.out / "accuracy.json"
+    json_path.write_text(json.dumps(payload, indent=1))
+    (args.out / "accuracy.md").write_text(text + "\n")
+    print(f"wrote {json_path}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
