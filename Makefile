@@ -5,7 +5,7 @@ READY := $(VENV)/.tbd-ready
 
 # The demo's short schedule: a quick teacher trained here (cached for the next run), a short
 # distillation, on a reduced embedded dataset. Real numbers come from scripts/ (docs/BENCHMARKS.md).
-DEMO_ARGS ?= --teacher-iters 150 --iters 120 --batch-size 4 --num-train-images 600 \
+DEMO_ARGS ?= --teacher-iters 100 --iters 80 --batch-size 4 --num-train-images 600 \
 	--num-val-images 60 --eval-period 0 --output runs/demo --overwrite
 
 .PHONY: venv demo test test-all lint format clean-venv
