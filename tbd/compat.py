@@ -147,6 +147,10 @@ def _cpu_distributed_worker(
             comm._LOCAL_PROCESS_GROUP = group
     comm.synchronize()
     main_func(*args)
+    # a worker leaving while its peer still talks to it can abort inside GLOO: leave together
+    # (after an exception, mp.spawn tears the others down instead)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _shim_cpu_launch() -> None:
