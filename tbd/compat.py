@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
 import types
 import warnings
@@ -151,6 +152,12 @@ def _cpu_distributed_worker(
     # (after an exception, mp.spawn tears the others down instead)
     dist.barrier()
     dist.destroy_process_group()
+    # torch's C++ side can still abort ("terminate called without an active exception") while
+    # the interpreter tears a finished CPU worker down; its work is done, so leave directly.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def _shim_cpu_launch() -> None:
