@@ -159,7 +159,7 @@ def check_batch_per_process(cfg: CfgNode, world_size: int) -> None:
             f"--batch-size {cfg.SOLVER.IMS_PER_BATCH} does not split over {world_size} processes; "
             "use a multiple of the process count"
         )
-    uses_bn = any(v == "BN" for k, v in _flat_items(cfg) if k.endswith("NORM"))
+    uses_bn = any(v == "BN" for k, v in flat_items(cfg) if k.endswith("NORM"))
     if per_process < 2 and uses_bn:
         raise UsageError(
             f"each of the {world_size} processes would train on {per_process} image per batch, and "
@@ -167,11 +167,12 @@ def check_batch_per_process(cfg: CfgNode, world_size: int) -> None:
         )
 
 
-def _flat_items(node: CfgNode, prefix: str = "") -> list[tuple[str, Any]]:
+def flat_items(node: CfgNode, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` for every leaf of a config."""
     items: list[tuple[str, Any]] = []
     for key, value in node.items():
         if isinstance(value, CfgNode):
-            items.extend(_flat_items(value, f"{prefix}{key}."))
+            items.extend(flat_items(value, f"{prefix}{key}."))
         else:
             items.append((f"{prefix}{key}", value))
     return items

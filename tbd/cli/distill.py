@@ -152,10 +152,10 @@ def build_distill_cfg(
         raise UsageError(f"{args.student} is already a distillation config; pass a student config")
     # the teacher's config is adapted the same way (class count, device, datasets)
     t_cfg = load_config(teacher_config)
-    before = {k: v for k, v in _flat(t_cfg).items()}
+    before = dict(common.flat_items(t_cfg))
     common.set_num_classes(t_cfg, common_num_classes(test))
     t_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    teacher_opts = [x for k, v in _flat(t_cfg).items() if before.get(k) != v for x in (k, str(v))]
+    teacher_opts = [x for k, v in common.flat_items(t_cfg) if before.get(k) != v for x in (k, str(v))]
 
     cfg.MODEL.META_ARCHITECTURE = "TBDistiller"
     cfg.DISTILL.STUDENT_META_ARCHITECTURE = student_arch
@@ -187,17 +187,6 @@ def common_num_classes(test: str) -> int:
     from tbd.data import num_classes
 
     return num_classes(test)
-
-
-def _flat(cfg: CfgNode, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, CfgNode):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _run(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
