@@ -26,6 +26,8 @@ def add_project_config(cfg: CN) -> None:
     cfg.TBD.MAX_NONFINITE_STEPS = 5
     # iterations between two progress lines (or live-bar refreshes)
     cfg.TBD.PROGRESS_PERIOD = 20
+    # Detectron2 0.6 has no optimizer key: "SGD" (its only optimizer) or "ADAMW" (tbd.engine.optim)
+    cfg.SOLVER.OPTIMIZER = "SGD"
 
 
 def _extensions() -> list[Callable[[CN], None]]:

@@ -36,7 +36,7 @@ from tbd.data.shapes_render import SHAPE_CLASSES, RenderParams, render_image
 logger = logging.getLogger(__name__)
 
 #: Bump whenever the rendered distribution changes: caches of another version are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 TRAIN_NAME = "tbd_shapes_train"
 VAL_NAME = "tbd_shapes_val"
 SPLITS = ("train", "val")

@@ -51,11 +51,11 @@ _ASPECT = {
 }
 
 #: Object size (square root of the box area, px): a mixture of (weight, low, high), log-uniform.
-_SIZE_MIXTURE = ((0.3, 11.0, 26.0), (0.5, 26.0, 60.0), (0.2, 60.0, 100.0))
+_SIZE_MIXTURE = ((0.25, 12.0, 26.0), (0.5, 26.0, 56.0), (0.25, 56.0, 110.0))
 _TEXTURES = ("solid", "stripes", "checker", "noise", "gradient")
-_TEXTURE_P = (0.3, 0.2, 0.15, 0.2, 0.15)
-#: Number of objects per image (1..10): weights favour 3-7.
-_COUNT_P = np.array([4, 7, 10, 12, 12, 11, 10, 8, 6, 4], dtype=np.float64)
+_TEXTURE_P = (0.4, 0.15, 0.1, 0.15, 0.2)
+#: Number of objects per image (1..8): weights favour 2-5.
+_COUNT_P = np.array([8, 12, 13, 12, 10, 7, 5, 3], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,10 @@ class RenderParams:
     """Everything that shapes the distribution (part of the cache stamp)."""
 
     image_size: int = 128
-    max_occlusion: float = 0.7  # objects hidden beyond this share are removed
-    max_distractors: int = 4
+    max_occlusion: float = 0.5  # objects hidden beyond this share are removed
+    max_distractors: int = 2
     supersample: int = 4  # anti-aliasing factor of the masks
-    min_contrast: float = 55.0  # RGB distance between an object and what lies beneath it
+    min_contrast: float = 80.0  # RGB distance between an object and what lies beneath it
 
 
 @dataclass
@@ -295,12 +295,12 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     t = np.clip((xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle) + 0.5, 0, 1)[..., None]
     img = c1 * (1 - t) + c2 * t
     cells = int(rng.integers(3, 8))
-    low = rng.normal(0.0, rng.uniform(10.0, 35.0), (cells, cells, 3)).astype(np.float32)
+    low = rng.normal(0.0, rng.uniform(6.0, 20.0), (cells, cells, 3)).astype(np.float32)
     for ch in range(3):
         lf = Image.fromarray(low[..., ch], mode="F").resize((size, size), Image.BICUBIC)
         img[..., ch] += np.asarray(lf)
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="RGB")
-    if rng.random() < 0.3:  # a large low-contrast textured patch
+    if rng.random() < 0.2:  # a large low-contrast textured patch
         x0, y0 = rng.uniform(-0.3, 0.6, 2) * size
         w, h = rng.uniform(0.4, 0.9, 2) * size
         ys = np.arange(size) + 0.5
@@ -310,23 +310,23 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         region = np.zeros((size, size), dtype=bool)
         region[int(max(y0, 0)) : int(max(y0 + h, 0)), int(max(x0, 0)) : int(max(x0 + w, 0))] = True
         base = np.asarray(canvas, dtype=np.float32)
-        mix = rng.uniform(0.25, 0.5)
+        mix = rng.uniform(0.2, 0.35)
         base[region] = base[region] * (1 - mix) + tex[region] * mix
         canvas = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), mode="RGB")
     overlay = canvas.copy()
     draw = ImageDraw.Draw(overlay)
-    for _ in range(int(rng.integers(0, 5))):
+    for _ in range(int(rng.integers(0, 3))):
         cx, cy = rng.uniform(0, size, 2)
         rx, ry = rng.uniform(6, 30, 2)
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=tuple(int(v) for v in _colour(rng)))
-    canvas = Image.blend(canvas, overlay, float(rng.uniform(0.25, 0.6)))
+    canvas = Image.blend(canvas, overlay, float(rng.uniform(0.2, 0.45)))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(2, 10))):
+    for _ in range(int(rng.integers(1, 6))):
         p = rng.uniform(-0.1 * size, 1.1 * size, 4)
         draw.line(
             [float(p[0]), float(p[1]), float(p[2]), float(p[3])],
             fill=tuple(int(v) for v in _colour(rng)),
-            width=int(rng.integers(1, 4)),
+            width=int(rng.integers(1, 3)),
         )
     return np.asarray(canvas, dtype=np.float32).copy()
 
@@ -398,7 +398,7 @@ def render_image(
 
     for layer in layers:
         _paint(img, layer, rng, params)
-    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(2.0, 7.0))
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(2.0, 5.0))
     out = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
     if rng.random() < 0.3:
         out = out.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 0.9))))

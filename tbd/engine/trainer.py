@@ -30,6 +30,7 @@ from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_st
 
 from tbd import compat
 from tbd.engine.checkpoint import AtomicDetectionCheckpointer
+from tbd.engine.optim import build_optimizer
 from tbd.engine.progress import RichProgressHook
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,10 @@ class Trainer(DefaultTrainer):
         seed = cfg.SEED if cfg.SEED >= 0 else 0
         sampler = ResumableTrainingSampler(len(dicts), seed=seed)
         return build_detection_train_loader(cfg, dataset=dicts, sampler=sampler)
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> Any:
