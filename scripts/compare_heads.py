@@ -58,26 +58,20 @@ def schedule_opts(iters: int, ims_per_batch: int | None) -> list[str]:
 
 
 def train_and_evaluate(config: str, opts: list[str], output_dir: Path) -> dict[str, Any]:
-    from detectron2.engine import DefaultTrainer
-    from detectron2.evaluation import COCOEvaluator
-
     from tbd.config import load_config
-
-    class Trainer(DefaultTrainer):
-        @classmethod
-        def build_evaluator(cls, cfg, dataset_name, output_folder=None):  # noqa: ANN001, ANN206
-            return COCOEvaluator(dataset_name, output_dir=str(output_dir / "eval"))
+    from tbd.engine.trainer import Trainer  # Detectron2's DefaultTrainer + SOLVER.OPTIMIZER
 
     cfg = load_config(config, opts)
     cfg.OUTPUT_DIR = str(output_dir)
     cfg.freeze()
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, progress=False)
     trainer.resume_or_load(resume=False)
     trainer.train()
     train_s = time.time() - start
     results = getattr(trainer, "_last_eval_results", None) or Trainer.test(cfg, trainer.model)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     bbox = results.get("bbox", {})
     return {
         "config": config,
@@ -104,11 +98,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
-    from detectron2.utils.logger import setup_logger
-
-    from tbd.data.shapes import register_shapes
+    from tbd.data.shapes import register_shapes  # importing tbd applies its Detectron2 shims first
 
     register_shapes(root=args.data_root, num_train=args.num_train, num_val=args.num_val)
+    from detectron2.utils.logger import setup_logger
+
     common = ["SEED", str(args.seed), *schedule_opts(args.iters, args.ims_per_batch), *args.opts]
     rows = []
     for i, spec in enumerate(args.specs):
@@ -117,13 +111,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         setup_logger(output=str(out / "log.txt"), name="detectron2")
         d2_logger = logging.getLogger("detectron2")  # keep the log file, drop the console handler
         d2_logger.handlers = [h for h in d2_logger.handlers if getattr(h, "stream", None) is not sys.stdout]
+        done = out / "row.json"
+        if done.is_file() and json.loads(done.read_text()).get("opts") == common + opts:
+            print(f"[{i + 1}/{len(args.specs)}] {spec}: already done in {out}", flush=True)
+            rows.append(json.loads(done.read_text()))
+            continue
         print(f"[{i + 1}/{len(args.specs)}] training {spec} for {args.iters} iterations -> {out}", flush=True)
         rows.append(train_and_evaluate(config, common + opts, out))
+        done.write_text(json.dumps(rows[-1], indent=1))
 
-    print(f"\n{'config':<40} {'AP':>6} {'AP50':>6} {'AP75':>6} {'train s':>8}")
+    print(f"\n{'config':<60} {'AP':>6} {'AP50':>6} {'AP75':>6} {'train s':>8}")
     for r in rows:
-        label = r["config"] + ("" if not r["opts"][len(common) :] else " +opts")
-        print(f"{label:<40} {r['AP']:>6.2f} {r['AP50']:>6.2f} {r['AP75']:>6.2f} {r['train_seconds']:>8.1f}")
+        extra = r["opts"][len(common) :]
+        label = r["config"] + "".join(f" {k}={v}" for k, v in zip(extra[::2], extra[1::2]))
+        print(f"{label:<60} {r['AP']:>6.2f} {r['AP50']:>6.2f} {r['AP75']:>6.2f} {r['train_seconds']:>8.1f}")
     if args.json:
         meta = {"iters": args.iters, "num_train": args.num_train, "num_val": args.num_val, "seed": args.seed}
         args.json.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))

@@ -142,3 +142,20 @@ def test_distill_runs_in_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (run / "metrics.json").read_text().splitlines()]
     assert any("loss_hd" in r and r.get("iteration") == 1 for r in rows)
     assert "bbox" in json.loads((run / "summary.json").read_text())["student"]
+
+
+def test_teacher_cache_key_follows_what_shapes_the_teacher(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tbd.data
+    from tbd.cli.distill import teacher_key
+    from tbd.config import load_config
+
+    cfg = load_config("retinanet_R50_FPN.yaml")
+    key = teacher_key(cfg)
+    moved = cfg.clone()
+    moved.OUTPUT_DIR, moved.MODEL.DEVICE = "/elsewhere", "cuda"
+    assert teacher_key(moved) == key  # where and on what it trains does not matter
+    other = cfg.clone()
+    other.SOLVER.BASE_LR = 0.002
+    assert teacher_key(other) != key
+    monkeypatch.setattr(tbd.data, "GENERATOR_VERSION", 999)
+    assert teacher_key(cfg) != key  # a regenerated embedded dataset needs a new teacher

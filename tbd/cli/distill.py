@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -107,8 +108,14 @@ def train_teacher_here(args: argparse.Namespace, spec: Any, iters: int, train: s
     from tbd.config import load_config
     from tbd.data import TRAIN_NAME
 
+    cfg = load_config(spec.config, spec.opts)
+    targs = argparse.Namespace(**vars(args))
+    targs.iters, targs.opts, targs.resume, targs.lr, targs.eval_period = iters, [], False, None, 0
+    targs.seed = 0  # one teacher for every student seed (the benchmarks compare seeds against it)
+    common.apply_common(cfg, targs, train, test)
     data_tag = f"{train}{args.num_train_images}" if train == TRAIN_NAME else train
-    out = cache_root(args) / f"{spec.name}_{data_tag}_{iters}it"
+    # the key holds everything that shapes the teacher (data version, schedule, solver, seed)
+    out = cache_root(args) / f"{spec.name}_{data_tag}_{iters}it_{teacher_key(cfg)}"
     final = out / "model_final.pth"
     if final.is_file():
         console.print(f"teacher [bold]{spec.name}[/]: using the cached checkpoint {final}")
@@ -119,10 +126,7 @@ def train_teacher_here(args: argparse.Namespace, spec: Any, iters: int, train: s
         f"{'resuming' if resume else 'training'} it here ({iters} iterations) -> {out}"
     )
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(spec.config, spec.opts)
-    targs = argparse.Namespace(**vars(args))
-    targs.iters, targs.opts, targs.resume, targs.lr, targs.eval_period = iters, [], resume, None, 0
-    common.apply_common(cfg, targs, train, test)
+    targs.resume = resume
     common.check_batch_per_process(cfg, args.num_gpus * args.num_machines)
     cfg.OUTPUT_DIR = str(out)
     (out / "config.yaml").write_text(cfg.dump())
@@ -130,6 +134,18 @@ def train_teacher_here(args: argparse.Namespace, spec: Any, iters: int, train: s
     if not final.is_file():
         raise UsageError(f"training the teacher did not produce {final}; see {out / 'log.txt'}")
     return str(final)
+
+
+def teacher_key(cfg: CfgNode) -> str:
+    """Short hash of a teacher's training config and of the embedded dataset's generator version."""
+    from tbd.data import GENERATOR_VERSION
+
+    keep = cfg.clone()
+    keep.defrost()
+    keep.OUTPUT_DIR = ""
+    keep.MODEL.DEVICE = ""  # a teacher trained on the GPU serves a CPU run too
+    text = f"{keep.dump()}\nshapes v{GENERATOR_VERSION}"
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def student_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
