@@ -158,7 +158,7 @@ def test_teacher_weights_file_missing(capsys, tmp_path, data_dir, teacher_flag) 
     ("weights", "config", "expected"),
     [
         # a teacher trained on another label space: the class count is the dataset's (8), not 3
-        ("3cls", "retinanet_R18_FPN", "head.cls_score.weight: (27, 256, 3, 3) vs (72, 256, 3, 3)"),
+        ("3cls", "retinanet_R18_FPN", "head.cls_score.weight: (27, 128, 3, 3) vs (72, 128, 3, 3)"),
         # R-18 weights given with an R-50 config
         ("fits", "retinanet_R50_FPN", "model tensors are missing"),
     ],

@@ -157,7 +157,7 @@ def test_probe_matches_model_internals(retina_pair: TBDistiller) -> None:
 @pytest.mark.parametrize(
     ("student", "teacher", "opts", "strides"),
     [
-        # different FPN channels -> 1x1 adapter 64 -> 256
+        # different FPN channels -> 1x1 adapter 64 -> 128
         ("retinanet_R18_FPN", "retinanet_R18_FPN", ["MODEL.FPN.OUT_CHANNELS", "64"], [8, 16, 32, 64, 128]),
         # Faster R-CNN teacher (RPN, 3 anchors, p2-p6) -> RetinaNet student (9 anchors, p3-p7)
         ("retinanet_R18_FPN", "faster_rcnn_R18_FPN", [], [8, 16, 32, 64]),
@@ -180,7 +180,7 @@ def test_heterogeneous_pairs(student: str, teacher: str, opts: list[str], stride
     for layer in model.adapters.layers.values():
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     if opts:
-        assert model.adapters.layers["8"].in_channels == 64 and model.adapters.layers["8"].out_channels == 256
+        assert model.adapters.layers["8"].in_channels == 64 and model.adapters.layers["8"].out_channels == 128
 
 
 def test_one_sided_levels_warn_once(caplog: pytest.LogCaptureFixture) -> None:
