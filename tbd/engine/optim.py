@@ -1,7 +1,7 @@
 """The optimizer named by ``SOLVER.OPTIMIZER``: Detectron2's SGD, or AdamW.
 
-Detectron2 0.6 only builds SGD. Training from scratch on small data converges far faster with
-AdamW, so the embedded-dataset configs use it; both share Detectron2's parameter groups (no weight
+Detectron2 0.6 only builds SGD. AdamW is the usual choice for training from scratch with small
+batches (the embedded-dataset configs use it); both share Detectron2's parameter groups (no weight
 decay on norms when ``WEIGHT_DECAY_NORM`` is 0, bias LR factor) and its gradient clipping.
 """
 
