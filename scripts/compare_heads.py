@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for i, spec in enumerate(args.specs):
         config, opts = split_spec(spec)
         out = args.output_dir / f"{i:02d}_{Path(config).stem}"
+        d2_logger = logging.getLogger("detectron2")
+        d2_logger.handlers = []  # each run logs to its own file only
         setup_logger(output=str(out / "log.txt"), name="detectron2")
-        d2_logger = logging.getLogger("detectron2")  # keep the log file, drop the console handler
+        # keep the log file, drop the console handler
         d2_logger.handlers = [h for h in d2_logger.handlers if getattr(h, "stream", None) is not sys.stdout]
         done = out / "row.json"
         if done.is_file() and json.loads(done.read_text()).get("opts") == common + opts:
