@@ -71,7 +71,6 @@ def train_and_evaluate(config: str, opts: list[str], output_dir: Path) -> dict[s
     trainer.train()
     train_s = time.time() - start
     results = getattr(trainer, "_last_eval_results", None) or Trainer.test(cfg, trainer.model)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     bbox = results.get("bbox", {})
     return {
         "config": config,
@@ -108,16 +107,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for i, spec in enumerate(args.specs):
         config, opts = split_spec(spec)
         out = args.output_dir / f"{i:02d}_{Path(config).stem}"
+        done = out / "row.json"
+        previous = json.loads(done.read_text()) if done.is_file() else {}
+        if previous.get("opts") == common + opts:
+            print(f"[{i + 1}/{len(args.specs)}] {spec}: already done in {out}", flush=True)
+            rows.append(previous)
+            continue
         d2_logger = logging.getLogger("detectron2")
         d2_logger.handlers = []  # each run logs to its own file only
         setup_logger(output=str(out / "log.txt"), name="detectron2")
         # keep the log file, drop the console handler
         d2_logger.handlers = [h for h in d2_logger.handlers if getattr(h, "stream", None) is not sys.stdout]
-        done = out / "row.json"
-        if done.is_file() and json.loads(done.read_text()).get("opts") == common + opts:
-            print(f"[{i + 1}/{len(args.specs)}] {spec}: already done in {out}", flush=True)
-            rows.append(json.loads(done.read_text()))
-            continue
         print(f"[{i + 1}/{len(args.specs)}] training {spec} for {args.iters} iterations -> {out}", flush=True)
         rows.append(train_and_evaluate(config, common + opts, out))
         done.write_text(json.dumps(rows[-1], indent=1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from detectron2.config import CfgNode
+from detectron2.solver.build import build_optimizer as d2_build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 OPTIMIZERS = ("SGD", "ADAMW")
@@ -18,6 +19,8 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     name = str(cfg.SOLVER.OPTIMIZER).upper()
     if name not in OPTIMIZERS:
         raise ValueError(f"SOLVER.OPTIMIZER is {cfg.SOLVER.OPTIMIZER!r}; use one of {', '.join(OPTIMIZERS)}")
+    if name == "SGD":
+        return d2_build_optimizer(cfg, model)
     params = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
@@ -25,14 +28,6 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
     )
-    if name == "SGD":
-        return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
-            params,
-            lr=cfg.SOLVER.BASE_LR,
-            momentum=cfg.SOLVER.MOMENTUM,
-            nesterov=cfg.SOLVER.NESTEROV,
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-        )
     return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
         params,
         lr=cfg.SOLVER.BASE_LR,
