@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -85,17 +86,22 @@ def test_train_writes_checkpoint_metrics_and_evaluates(tiny_coco: str, tmp_path:
     assert not list(out.glob(".*.tmp"))
 
 
-def test_signal_saves_and_resume_is_exact(tiny_coco: str, tmp_path: Path) -> None:
+def test_signal_saves_and_resume_is_exact(
+    tiny_coco: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     full = _train(_tiny_cfg(tiny_coco, tmp_path / "full"))
     reference = {k: v.clone() for k, v in full.model.state_dict().items()}
 
     cfg = _tiny_cfg(tiny_coco, tmp_path / "cut")
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
+    logging.getLogger("detectron2").addHandler(caplog.handler)  # it may not propagate to the root
     with pytest.raises(TrainingInterrupted) as info:
         _train(cfg, hook=_SignalAt(2, signal.SIGTERM))
     assert info.value.iteration == 2
     assert (tmp_path / "cut" / "last_checkpoint").read_text() == "model_0000002.pth"
+    logging.getLogger("detectron2").removeHandler(caplog.handler)
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+    assert "Exception during training" not in caplog.text  # a requested stop is not an error
 
     resumed = _train(cfg, resume=True)
     assert resumed.start_iter == 3

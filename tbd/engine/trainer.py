@@ -40,8 +40,12 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced too many non-finite steps in a row."""
 
 
-class TrainingInterrupted(Exception):
-    """Raised after a signal-triggered checkpoint, to leave the training loop cleanly."""
+class TrainingInterrupted(BaseException):
+    """Raised after a signal-triggered checkpoint, to leave the training loop cleanly.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``): Detectron2's training loop logs every
+    ``Exception`` as "Exception during training" with a traceback, and a requested stop is not one.
+    """
 
     def __init__(self, iteration: int, checkpoint: str) -> None:
         super().__init__(f"interrupted after iteration {iteration}; saved {checkpoint}")
