@@ -47,7 +47,7 @@ VARIANTS: dict[str, list[str] | None] = {
     "tbd_full": [],
     # mimic_mse averages its levels where TFD and cls_mask_mimic sum them: at the start its raw value
     # is ~1/5 of theirs (docs/BENCHMARKS.md), so 5x the weight gives every feature loss the same budget
-    "mimic_mse": ["DISTILL.METHOD", "mimic_mse", "DISTILL.MIMIC_WEIGHT", "0.0025"],
+    "mimic_mse": ["DISTILL.METHOD", "mimic_mse", "DISTILL.MIMIC_WEIGHT", "2.0"],
     "cls_mask_mimic": ["DISTILL.METHOD", "cls_mask_mimic"],
 }
 PC_MODES = ("sigmoid", "softmax_max1", "spatial_softmax")

@@ -100,7 +100,9 @@ def _parse_teacher(path: Path) -> Teacher:
     )
 
 
-def load_teachers(directory: Path = TEACHER_DIR) -> dict[str, Teacher]:
+def load_teachers(directory: Path | None = None) -> dict[str, Teacher]:
+    """Every teacher file of ``directory`` (default: :data:`TEACHER_DIR`, read at call time)."""
+    directory = TEACHER_DIR if directory is None else directory
     teachers: dict[str, Teacher] = {}
     for path in sorted(directory.glob("*.yaml")):
         teacher = _parse_teacher(path)
@@ -110,7 +112,8 @@ def load_teachers(directory: Path = TEACHER_DIR) -> dict[str, Teacher]:
     return teachers
 
 
-def get_teacher(name: str, directory: Path = TEACHER_DIR) -> Teacher:
+def get_teacher(name: str, directory: Path | None = None) -> Teacher:
+    directory = TEACHER_DIR if directory is None else directory
     teachers = load_teachers(directory)
     if name not in teachers:
         raise RegistryError(

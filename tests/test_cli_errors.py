@@ -258,6 +258,15 @@ def test_registry_teacher_without_entry_for_the_dataset(capsys, tmp_path, data_d
     _assert_nothing_started(tmp_path / "run")
 
 
+def test_broken_teacher_file_is_a_clear_error(capsys, tmp_path, monkeypatch) -> None:
+    import tbd.registry
+
+    (tmp_path / "mine.yaml").write_text("name: mine\ndescription: R-50: lighter\n")
+    monkeypatch.setattr(tbd.registry, "TEACHER_DIR", tmp_path)
+    code, msg = _cli(capsys, ["teachers"])
+    assert code == 2 and "mine.yaml: not valid YAML" in msg and "Traceback" not in msg
+
+
 # ------------------------------------------------------------------------------ datasets
 def test_user_json_missing(capsys, tmp_path, data_dir) -> None:
     missing = tmp_path / "instances_train.json"

@@ -180,6 +180,34 @@ def test_tfd_fixed_and_twg_weights_hand_worked() -> None:
     assert f_s.grad.abs().sum() > 0
 
 
+def test_teacher_energy_normalisation_hand_worked() -> None:
+    # teacher energy per location: 1 and 4 -> level mean 2.5; image 2 is the same feature x10
+    f_t = torch.tensor([[[[1.0, 0.0]], [[0.0, 2.0]]]])
+    f_t = torch.cat([f_t, 10 * f_t])  # [2, C=2, 1, 2]
+    f_s = torch.zeros(2, 2, 1, 2, requires_grad=True)
+    d = feature_distance(f_t, f_s, "teacher_energy")
+    torch.testing.assert_close(d, torch.tensor([[[0.4, 1.6]], [[0.4, 1.6]]]))
+    assert d[0].mean().item() == pytest.approx(1.0)  # a zero student is a relative error of 1
+    d.sum().backward()
+    # the energy is a constant: the gradient is the raw one divided by each image's energy
+    energy = torch.tensor([2.5, 250.0]).view(2, 1, 1, 1)
+    torch.testing.assert_close(f_s.grad, -2 * f_t / energy)
+
+
+def test_teacher_energy_normalisation_is_scale_free() -> None:
+    gen = torch.Generator().manual_seed(0)
+    f_t, f_s = torch.randn(2, 8, 3, 4, generator=gen), torch.randn(2, 8, 3, 4, generator=gen)
+    base = feature_distance(f_t, f_s, "teacher_energy")
+    for scale in (1e-3, 1e4):
+        torch.testing.assert_close(feature_distance(scale * f_t, scale * f_s, "teacher_energy"), base)
+        raw = feature_distance(scale * f_t, scale * f_s)
+        torch.testing.assert_close(raw, scale**2 * feature_distance(f_t, f_s))
+    zero_teacher = feature_distance(torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2), "teacher_energy")
+    assert torch.isfinite(zero_teacher).all()
+    with pytest.raises(ValueError, match="feature normalisation"):
+        feature_distance(f_t, f_s, "l2")
+
+
 def test_tfd_two_levels_and_empty_regression_mask() -> None:
     d1 = torch.tensor([[[2.0, 2.0]]])
     d2 = torch.tensor([[[3.0]]])

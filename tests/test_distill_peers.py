@@ -73,6 +73,10 @@ def test_config_validates_method() -> None:
     cfg.DISTILL.METHOD = "fgd"
     with pytest.raises(ValueError, match="DISTILL.METHOD"):
         validate_tbd_config(cfg)
+    cfg.DISTILL.METHOD = "mimic_mse"
+    cfg.DISTILL.FEATURE_NORM = "l2"
+    with pytest.raises(ValueError, match="DISTILL.FEATURE_NORM"):
+        validate_tbd_config(cfg)
 
 
 # ---------------------------------------------------------------------------- through the distiller
@@ -126,7 +130,7 @@ def test_peer_losses_match_the_functions_on_captured_levels() -> None:
     with EventStorage(), torch.no_grad():
         got = model.distillation_losses(t_levels, s_levels, gt, mask)["loss_mimic"]
         d = [
-            feature_distance(t.feature, model.adapters(s.feature, s.stride))
+            feature_distance(t.feature, model.adapters(s.feature, s.stride), model.feature_norm)
             for t, s in zip(t_levels, s_levels)
         ]
         pc = [classification_probability(t.logits, "sigmoid") for t in t_levels]

@@ -246,6 +246,9 @@ def test_hd_tfd_twg_finite_nonnegative_bounded(
         f_s = (torch.randn(len(counts), channels, h, w, generator=gen) * feature_scale).requires_grad_()
         d = feature_distance(f_t, f_s)
         assert d.shape == (len(counts), h, w) and (d >= 0).all()
+        d_rel = feature_distance(f_t, f_s, "teacher_energy")
+        assert_finite(d_rel)
+        assert d_rel.shape == d.shape and (d_rel >= 0).all()
         distances.append(d)
     for task_weights in (weights, torch.tensor([0.5, 0.5])):
         terms = tfd_loss(distances, teacher, task_weights)

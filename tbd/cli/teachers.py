@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from tbd.cli.common import console
+from tbd.cli.common import UsageError, console
 
 
 def add_parser(sub: Any) -> None:
@@ -26,13 +26,16 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from tbd.registry import TEACHER_DIR, describe_teachers
+    from tbd import registry
 
-    rows = describe_teachers()
+    try:
+        rows = registry.describe_teachers()
+    except registry.RegistryError as err:
+        raise UsageError(str(err)) from None
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title=f"Teachers ({TEACHER_DIR})")
+    table = Table(title=f"Teachers ({registry.TEACHER_DIR})")
     for col in ("name", "model", "dataset", "config", "weights", "reported AP"):
         table.add_column(col, overflow="fold")
     for r in rows:

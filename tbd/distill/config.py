@@ -13,6 +13,8 @@ PC_MODES = ("sigmoid", "softmax_max1", "spatial_softmax")
 HD_MODES = ("iou_guided", "plain")
 #: task-decoupled feature distillation weighting (METHODS.md §1.3)
 TFD_MODES = ("twg", "fixed")
+#: how a feature distance is scaled (METHODS.md §1.3, docs/CONFIG.md)
+FEATURE_NORMS = ("teacher_energy", "none")
 #: student-feature adaptation layer phi
 ADAPTERS = ("conv1x1", "identity")
 #: teacher precision
@@ -47,10 +49,14 @@ def add_tbd_config(cfg: CN) -> None:
     # paper's eq. 1). Peers return ``loss_mimic = MIMIC_WEIGHT * L`` and no HD/TFD.
     d.METHOD = "tbd"
     # Weight of a peer's loss; the default equals TFD_WEIGHT so both live on the same scale.
-    d.MIMIC_WEIGHT = 0.0005
+    d.MIMIC_WEIGHT = 0.4
     # --- losses ---------------------------------------------------------------------------------
     d.HD_WEIGHT = 1.0  # alpha
-    d.TFD_WEIGHT = 0.0005  # beta (measured: docs/CONFIG.md)
+    d.TFD_WEIGHT = 0.4  # beta (measured: docs/CONFIG.md)
+    # Scale of every feature distance (TFD and the peers): "teacher_energy" divides it by the
+    # teacher's mean feature energy on that level and image (a relative error, so beta does not
+    # depend on the teacher's feature scale); "none" is the notes' raw squared distance.
+    d.FEATURE_NORM = "teacher_energy"
     d.HD_MODE = "iou_guided"
     d.PC_MODE = "sigmoid"
     d.TFD_MODE = "twg"
@@ -82,6 +88,7 @@ def validate_tbd_config(cfg: CN) -> None:
         ("HD_MODE", HD_MODES),
         ("TFD_MODE", TFD_MODES),
         ("ADAPTER", ADAPTERS),
+        ("FEATURE_NORM", FEATURE_NORMS),
         ("TEACHER_AMP", TEACHER_AMP_MODES),
     ):
         if d[key] not in choices:

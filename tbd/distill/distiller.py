@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tbd.ops.boxes import pad_boxes
 
 from .adapters import FeatureAdapters
-from .config import validate_tbd_config
+from .config import FEATURE_NORMS, validate_tbd_config
 from .losses import TaskMaps, feature_distance, harmony_distillation_loss, tfd_loss
 from .peers import METHODS, peer_loss
 from .probes import LevelPrediction, Probe, get_probe_adapter
@@ -60,6 +60,8 @@ class TBDistiller(nn.Module):
         method: ``"tbd"`` (HD + TFD) or a peer baseline of :mod:`tbd.distill.peers`
             (``"mimic_mse"``, ``"cls_mask_mimic"``), which returns ``loss_mimic`` instead.
         mimic_weight: the weight of a peer's loss.
+        feature_norm: ``"teacher_energy"`` (feature distances relative to the teacher's feature
+            energy per level and image) or ``"none"`` (raw squared distances).
     """
 
     @configurable
@@ -69,7 +71,7 @@ class TBDistiller(nn.Module):
         student: nn.Module,
         *,
         hd_weight: float = 1.0,
-        tfd_weight: float = 0.0005,
+        tfd_weight: float = 0.4,
         hd_mode: str = "iou_guided",
         pc_mode: str = "sigmoid",
         tfd_mode: str = "twg",
@@ -85,7 +87,8 @@ class TBDistiller(nn.Module):
         student_input_format: str | None = None,
         check_num_classes: bool = True,
         method: str = "tbd",
-        mimic_weight: float = 0.0005,
+        mimic_weight: float = 0.4,
+        feature_norm: str = "teacher_energy",
     ) -> None:
         super().__init__()
         if isinstance(student, TBDistiller) or isinstance(teacher, TBDistiller):
@@ -115,6 +118,11 @@ class TBDistiller(nn.Module):
             raise ValueError(f"unknown distillation method {method!r}; expected one of {METHODS}")
         self.method = method
         self.mimic_weight = float(mimic_weight)
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(
+                f"unknown feature normalisation {feature_norm!r}; expected one of {FEATURE_NORMS}"
+            )
+        self.feature_norm = feature_norm
         # a peer baseline has no TWG: no parameter that never gets a gradient
         self.twg = (
             TaskWeightGenerator(twg_hidden_dim, twg_min_weight, twg_detach_inputs)
@@ -168,6 +176,7 @@ class TBDistiller(nn.Module):
             "check_num_classes": d.CHECK_NUM_CLASSES,
             "method": d.METHOD,
             "mimic_weight": d.MIMIC_WEIGHT,
+            "feature_norm": d.FEATURE_NORM,
         }
 
     @classmethod
@@ -315,7 +324,7 @@ class TBDistiller(nn.Module):
         tfd = zero
         if self.tfd_weight > 0:
             distances = [
-                feature_distance(t.feature, self.adapters(s.feature, s.stride))
+                feature_distance(t.feature, self.adapters(s.feature, s.stride), self.feature_norm)
                 for t, s in zip(t_levels, s_levels)
             ]
             weights = (
@@ -337,7 +346,7 @@ class TBDistiller(nn.Module):
     ) -> dict[str, Tensor]:
         """``loss_mimic`` of a peer baseline (``DISTILL.METHOD``) on already matched, cropped levels."""
         distances = [
-            feature_distance(t.feature, self.adapters(s.feature, s.stride))
+            feature_distance(t.feature, self.adapters(s.feature, s.stride), self.feature_norm)
             for t, s in zip(t_levels, s_levels)
         ]
         teacher_pc = None

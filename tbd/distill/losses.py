@@ -13,8 +13,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .config import HD_MODES
+from .config import FEATURE_NORMS, HD_MODES
 from .task_probs import harmony_score
+
+#: floor of the teacher energy a distance is divided by (an all-zero teacher map)
+ENERGY_EPS = 1e-6
 
 
 @dataclass
@@ -68,9 +71,21 @@ def harmony_distillation_loss(
     return torch.stack(per_level, dim=0).sum(dim=0).mean()
 
 
-def feature_distance(f_t: Tensor, f_s: Tensor) -> Tensor:
-    """``sum_c (F^t - phi(F^s))^2`` -> ``[B, H, W]``; ``f_s`` is the already adapted student feature."""
-    return (f_t.detach().to(f_s.dtype) - f_s).pow(2).sum(dim=1)
+def feature_distance(f_t: Tensor, f_s: Tensor, norm: str = "none") -> Tensor:
+    """``sum_c (F^t - phi(F^s))^2`` -> ``[B, H, W]``; ``f_s`` is the already adapted student feature.
+
+    ``norm="teacher_energy"`` divides each image's map by the teacher's mean feature energy on that
+    level, ``mean_{i,j} sum_c (F^t)^2`` (a constant: no gradient): the distance becomes a relative
+    squared error, ~1 for a student feature of 0, whatever the teacher's feature scale.
+    """
+    if norm not in FEATURE_NORMS:
+        raise ValueError(f"unknown feature normalisation {norm!r}; expected one of {FEATURE_NORMS}")
+    f_t = f_t.detach().to(f_s.dtype)
+    d = (f_t - f_s).pow(2).sum(dim=1)
+    if norm == "teacher_energy":
+        energy = f_t.pow(2).sum(dim=1).flatten(1).mean(dim=1).clamp(min=ENERGY_EPS)  # [B]
+        d = d / energy[:, None, None]
+    return d
 
 
 @dataclass
