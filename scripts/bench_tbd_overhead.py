@@ -13,8 +13,9 @@ For each teacher -> student pair, on synthetic 128 px batches (CPU), median over
 - ``tbd_bwd``: the extra backward time the TBD losses add, ``backward(det + TBD) - backward(det)``
   on one retained graph; ``tbd_total_share = (tbd_fwd + tbd_bwd) / distill``.
 
-It also prints the raw loss magnitudes at the first step (detection losses, L_HD, L_TFD) with a
-BN-calibrated untrained teacher, which is how the default beta was chosen (docs/CONFIG.md).
+It also prints the loss magnitudes at the first step (detection losses, L_HD, L_TFD with the
+configured ``DISTILL.FEATURE_NORM``) with a BN-calibrated untrained teacher; the default beta was
+chosen with trained teachers, by ``scripts/loss_scale.py`` (docs/CONFIG.md).
 
     .venv/bin/python scripts/bench_tbd_overhead.py --iters 10 --threads 1
 """

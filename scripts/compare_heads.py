@@ -2,9 +2,10 @@
 
 Each positional argument is ``CONFIG[:KEY=VALUE,KEY=VALUE...]``: a config (path or name under
 ``configs/``) and optional Detectron2 overrides for that run only (commas inside brackets or
-parentheses do not split). ``--opts`` applies to every run. Detectron2's ``DefaultTrainer`` trains
-each one (same seed, same schedule), ``COCOEvaluator`` scores it on the validation split; the
-script prints a table of AP / AP50 / AP75 and writes json.
+parentheses do not split). ``--opts`` applies to every run. tbd's ``Trainer`` (Detectron2's
+``DefaultTrainer`` plus ``SOLVER.OPTIMIZER``) trains each one (same seed, same schedule),
+``COCOEvaluator`` scores it on the validation split; the script prints a table of AP / AP50 /
+AP75 and writes json. A run whose ``row.json`` exists with the same overrides is not repeated.
 
     .venv/bin/python scripts/compare_heads.py retinanet_R18_FPN tood_R18_FPN --iters 1500 \
         --output-dir /tmp/compare_heads --json docs/compare_heads.json

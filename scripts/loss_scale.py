@@ -3,9 +3,10 @@
 
 Builds the ``TBDistiller`` of a real teacher checkpoint and an untrained student (the state at
 the first step of ``tbd distill``), runs ``--batches`` training batches of the embedded dataset
-through it (forward only) and prints, per batch, the summed detection losses, L_HD and L_TFD with
-each ``DISTILL.FEATURE_NORM``, then the beta that would make ``beta * L_TFD`` equal the detection
-losses. This is how the default beta was chosen (docs/CONFIG.md).
+through it (forward only) and prints, per batch, the summed detection losses, L_HD, and L_TFD and
+the peer baselines' losses with each ``DISTILL.FEATURE_NORM`` (all before their weights), then
+the beta that would make ``beta * L_TFD`` equal the detection losses. This is how the default
+beta was chosen (docs/CONFIG.md).
 
     .venv/bin/python scripts/loss_scale.py --teacher-config fcos_R50_FPN \\
         --teacher-weights ~/.cache/tbd/teachers/<run>/model_final.pth --batches 4
@@ -28,6 +29,7 @@ from detectron2.utils.events import EventStorage
 
 from tbd.config import load_config
 from tbd.distill.config import FEATURE_NORMS
+from tbd.distill.peers import PEER_METHODS
 from tbd.engine.trainer import Trainer
 
 
@@ -62,10 +64,15 @@ def measure(args: argparse.Namespace) -> list[dict[str, float]]:
             row: dict[str, float] = {}
             for norm in FEATURE_NORMS:
                 model.feature_norm = norm
-                losses = model(batch)
-                row[f"tfd_{norm}"] = storage.history("tbd/tfd").latest()
-            row["detection"] = float(sum(v for k, v in losses.items() if k not in ("loss_hd", "loss_tfd")))
-            row["hd"] = storage.history("tbd/hd").latest()
+                for method in ("tbd", *PEER_METHODS):
+                    model.method = method
+                    losses = model(batch)
+                    key = "tfd" if method == "tbd" else method
+                    row[f"{key}_{norm}"] = storage.history(f"tbd/{key}").latest()
+                    if method == "tbd":
+                        det = [v for k, v in losses.items() if k not in ("loss_hd", "loss_tfd")]
+                        row["detection"] = float(sum(det))
+                        row["hd"] = storage.history("tbd/hd").latest()
             rows.append(row)
     return rows
 
@@ -85,10 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.teacher_weights).is_file():
         p.error(f"--teacher-weights {args.teacher_weights} does not exist")
     rows = measure(args)
-    keys = ("detection", "hd", *(f"tfd_{n}" for n in FEATURE_NORMS))
-    print(" ".join(f"{k:>18}" for k in ("batch", *keys)))
+    keys = ("detection", "hd", *(f"{m}_{n}" for n in FEATURE_NORMS for m in ("tfd", *PEER_METHODS)))
     for i, row in enumerate(rows):
-        print(" ".join(f"{v:>18}" for v in (str(i), *(f"{row[k]:.4g}" for k in keys))))
+        print(f"batch {i}: " + "  ".join(f"{k} {row[k]:.4g}" for k in keys))
     for norm in FEATURE_NORMS:
         ratio = statistics.median(r["detection"] / r[f"tfd_{norm}"] for r in rows)
         print(f"beta with beta * L_TFD = detection losses, FEATURE_NORM {norm}: {ratio:.3g} (median)")
