@@ -154,6 +154,8 @@ def test_teacher_cache_key_follows_what_shapes_the_teacher(monkeypatch: pytest.M
     moved = cfg.clone()
     moved.OUTPUT_DIR, moved.MODEL.DEVICE = "/elsewhere", "cuda"
     assert teacher_key(moved) == key  # where and on what it trains does not matter
+    moved.DISTILL.TFD_WEIGHT, moved.DISTILL.FEATURE_NORM = 123.0, "none"
+    assert teacher_key(moved) == key  # nor the distillation keys every config carries
     other = cfg.clone()
     other.SOLVER.BASE_LR = 0.002
     assert teacher_key(other) != key

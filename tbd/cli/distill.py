@@ -144,6 +144,7 @@ def teacher_key(cfg: CfgNode) -> str:
     keep.defrost()
     keep.OUTPUT_DIR = ""
     keep.MODEL.DEVICE = ""  # a teacher trained on the GPU serves a CPU run too
+    keep.pop("DISTILL", None)  # the distillation keys (and their defaults) do not train a teacher
     text = f"{keep.dump()}\nshapes v{GENERATOR_VERSION}"
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
