@@ -42,6 +42,8 @@ def test_distill_trains_teacher_then_student_and_summarises(distilled: Path) -> 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["teacher"]["name"] == "r50" and summary["student"]["head"] == "retinanet"
     assert "AP" in summary["teacher"]["bbox"] and "AP" in summary["student"]["bbox"]
+    assert summary["teacher"]["config"].endswith("fcos_R50_FPN.yaml")  # the embedded-dataset r50
+    assert summary["distill"]["method"] == "tbd" and summary["distill"]["feature_norm"] == "teacher_energy"
     teachers = list((distilled / "cache").iterdir())
     assert len(teachers) == 1 and (teachers[0] / "model_final.pth").is_file()
     metrics = (run / "metrics.json").read_text()
