@@ -31,6 +31,7 @@ from tbd.config import load_config
 from tbd.distill.config import FEATURE_NORMS
 from tbd.distill.peers import PEER_METHODS
 from tbd.engine.trainer import Trainer
+from tbd.ops.boxes import pad_boxes
 
 
 def distill_cfg(args: argparse.Namespace) -> Any:
@@ -61,18 +62,20 @@ def measure(args: argparse.Namespace) -> list[dict[str, float]]:
     with EventStorage(0) as storage, torch.no_grad():
         for _ in range(args.batches):
             batch = next(loader)
-            row: dict[str, float] = {}
+            # one student and one teacher forward; every variant reuses their levels
+            with model._probe.capture():
+                detection = model.student(batch)
+            s_levels, t_levels = model._probe.levels(), model.teacher_levels(batch)
+            gt_boxes, _, gt_mask = pad_boxes([x["instances"].gt_boxes.tensor for x in batch])
+            row: dict[str, float] = {"detection": float(sum(detection.values()))}
             for norm in FEATURE_NORMS:
                 model.feature_norm = norm
                 for method in ("tbd", *PEER_METHODS):
                     model.method = method
-                    losses = model(batch)
+                    model.distillation_losses(t_levels, s_levels, gt_boxes, gt_mask)
                     key = "tfd" if method == "tbd" else method
                     row[f"{key}_{norm}"] = storage.history(f"tbd/{key}").latest()
-                    if method == "tbd":
-                        det = [v for k, v in losses.items() if k not in ("loss_hd", "loss_tfd")]
-                        row["detection"] = float(sum(det))
-                        row["hd"] = storage.history("tbd/hd").latest()
+            row["hd"] = storage.history("tbd/hd").latest()
             rows.append(row)
     return rows
 

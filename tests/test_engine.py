@@ -94,12 +94,15 @@ def test_signal_saves_and_resume_is_exact(
 
     cfg = _tiny_cfg(tiny_coco, tmp_path / "cut")
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
-    logging.getLogger("detectron2").addHandler(caplog.handler)  # it may not propagate to the root
-    with pytest.raises(TrainingInterrupted) as info:
-        _train(cfg, hook=_SignalAt(2, signal.SIGTERM))
+    d2_logger = logging.getLogger("detectron2")
+    d2_logger.addHandler(caplog.handler)  # it may not propagate to the root
+    try:
+        with pytest.raises(TrainingInterrupted) as info:
+            _train(cfg, hook=_SignalAt(2, signal.SIGTERM))
+    finally:
+        d2_logger.removeHandler(caplog.handler)
     assert info.value.iteration == 2
     assert (tmp_path / "cut" / "last_checkpoint").read_text() == "model_0000002.pth"
-    logging.getLogger("detectron2").removeHandler(caplog.handler)
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     assert "Exception during training" not in caplog.text  # a requested stop is not an error
 

@@ -323,10 +323,7 @@ class TBDistiller(nn.Module):
 
         tfd = zero
         if self.tfd_weight > 0:
-            distances = [
-                feature_distance(t.feature, self.adapters(s.feature, s.stride), self.feature_norm)
-                for t, s in zip(t_levels, s_levels)
-            ]
+            distances = self.feature_distances(t_levels, s_levels)
             weights = (
                 self.twg.weights_for(t_maps, s_maps) if self.twg is not None else self.fixed_task_weights
             )
@@ -341,14 +338,20 @@ class TBDistiller(nn.Module):
         _put_scalars(scalars)
         return {"loss_hd": self.hd_weight * hd, "loss_tfd": self.tfd_weight * tfd}
 
+    def feature_distances(
+        self, t_levels: Sequence[LevelPrediction], s_levels: Sequence[LevelPrediction]
+    ) -> list[Tensor]:
+        """Per matched level, ``d = sum_c (F^t - phi(F^s))^2`` scaled by ``feature_norm`` (TFD and peers)."""
+        return [
+            feature_distance(t.feature, self.adapters(s.feature, s.stride), self.feature_norm)
+            for t, s in zip(t_levels, s_levels)
+        ]
+
     def peer_losses(
         self, t_levels: Sequence[LevelPrediction], s_levels: Sequence[LevelPrediction]
     ) -> dict[str, Tensor]:
         """``loss_mimic`` of a peer baseline (``DISTILL.METHOD``) on already matched, cropped levels."""
-        distances = [
-            feature_distance(t.feature, self.adapters(s.feature, s.stride), self.feature_norm)
-            for t, s in zip(t_levels, s_levels)
-        ]
+        distances = self.feature_distances(t_levels, s_levels)
         teacher_pc = None
         if self.method == "cls_mask_mimic":
             teacher_pc = [classification_probability(t.logits, self.pc_mode) for t in t_levels]
