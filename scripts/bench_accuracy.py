@@ -81,6 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--table-only", action="store_true", help="only collect what exists and print it")
     p.add_argument(
+        "--harmony-score-thresh",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="T",
+        help="also measure every finished run's (and the teacher's) harmonious share with "
+        "'easily classified' = score >= T (tbd harmony --score-thresh), for students whose scores "
+        "stay below the default 0.5 after a short schedule",
+    )
+    p.add_argument(
         "opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="extra config overrides for every run"
     )
     return p.parse_args(argv)
@@ -132,8 +142,7 @@ def run_commands(
         if extra:
             train += ["--", *extra]
         harmony = [*_tbd(), "harmony", "--run", f"student={run_dir}", "-o", str(run_dir / "harmony")]
-        harmony += ["--num-train-images", str(args.num_train_images)]
-        harmony += ["--num-val-images", str(args.num_val_images), "--device", args.device]
+        harmony += _dataset_flags(args)
         cmds = [] if (run_dir / "results.json").is_file() else [train]
         return cmds + [harmony]
     cmd = [*_tbd(), "distill", "--teacher", args.teacher, "--teacher-iters", str(args.teacher_iters)]
@@ -148,6 +157,60 @@ def is_done(run_dir: Path, overrides: list[str] | None) -> bool:
     if overrides is None:
         return (run_dir / "results.json").is_file() and (run_dir / "harmony" / "harmony.json").is_file()
     return (run_dir / "summary.json").is_file()
+
+
+def _dataset_flags(args: argparse.Namespace) -> list[str]:
+    return [
+        "--num-train-images",
+        str(args.num_train_images),
+        "--num-val-images",
+        str(args.num_val_images),
+        "--device",
+        args.device,
+    ]
+
+
+def thresh_dir(thresh: float) -> str:
+    return f"harmony_s{thresh:g}"
+
+
+def harmony_commands(
+    args: argparse.Namespace, variants: dict[str, list[str] | None]
+) -> list[tuple[Path, list[str]]]:
+    """(output folder, command) of every missing extra-threshold harmony measurement.
+
+    One per finished run and threshold, plus one per threshold for the teacher (its config and
+    weights are read from the first finished distillation run's ``config.yaml``).
+    """
+    todo: list[tuple[Path, list[str]]] = []
+    teacher: tuple[str, str] | None = None
+    for name, overrides in variants.items():
+        for seed in args.seeds:
+            run_dir = args.out / name / f"seed{seed}"
+            if not is_done(run_dir, overrides):
+                continue
+            if overrides is not None and teacher is None:
+                teacher = teacher_of(run_dir)
+            for t in args.harmony_score_thresh:
+                out = run_dir / thresh_dir(t)
+                if not (out / "harmony.json").is_file():
+                    cmd = [*_tbd(), "harmony", "--run", f"student={run_dir}", "--score-thresh", f"{t:g}"]
+                    todo.append((out, [*cmd, "-o", str(out), *_dataset_flags(args)]))
+    if teacher is not None:
+        for t in args.harmony_score_thresh:
+            out = args.out / "teacher" / thresh_dir(t)
+            if not (out / "harmony.json").is_file():
+                cmd = [*_tbd(), "harmony", "--model", f"teacher={teacher[0]}:{teacher[1]}"]
+                todo.append((out, [*cmd, "--score-thresh", f"{t:g}", "-o", str(out), *_dataset_flags(args)]))
+    return todo
+
+
+def teacher_of(run_dir: Path) -> tuple[str, str]:
+    """(config, weights) of the teacher a distillation run used."""
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return cfg["DISTILL"]["TEACHER_CONFIG"], cfg["DISTILL"]["TEACHER_WEIGHTS"]
 
 
 def execute(cmds: list[list[str]], run_dir: Path, threads: int) -> float:
@@ -182,24 +245,41 @@ def _num(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def read_run(run_dir: Path, overrides: list[str] | None) -> dict[str, Any] | None:
+def extra_harmony(folder: Path, thresholds: list[float]) -> dict[str, float | None]:
+    """``harmonious_share@T`` and ``mean_hs_easy@T`` read from ``folder/harmony_sT/harmony.json``."""
+    row: dict[str, float | None] = {}
+    for t in thresholds:
+        path = folder / thresh_dir(t) / "harmony.json"
+        h = next(iter(json.loads(path.read_text())["models"].values())) if path.is_file() else {}
+        row[f"harmonious_share@{t:g}"] = _num(h.get("harmonious_share"))
+        row[f"mean_hs_easy@{t:g}"] = _num(h.get("mean_hs_easy", h.get("mean_hs")))
+    return row
+
+
+def read_run(
+    run_dir: Path, overrides: list[str] | None, thresholds: list[float] | None = None
+) -> dict[str, Any] | None:
     """``{"student": row, "teacher": row | None}`` of a finished run, else ``None``."""
     if not is_done(run_dir, overrides):
         return None
+    extra = extra_harmony(run_dir, thresholds or [])
     if overrides is None:
         bbox = json.loads((run_dir / "results.json").read_text()).get("bbox", {})
         models = json.loads((run_dir / "harmony" / "harmony.json").read_text())["models"]
-        return {"student": _row(bbox, next(iter(models.values()))), "teacher": None}
+        return {"student": {**_row(bbox, next(iter(models.values()))), **extra}, "teacher": None}
     s = json.loads((run_dir / "summary.json").read_text())
     return {
-        "student": _row(s["student"].get("bbox", {}), s["student"].get("harmony")),
+        "student": {**_row(s["student"].get("bbox", {}), s["student"].get("harmony")), **extra},
         "teacher": _row(s["teacher"].get("bbox", {}), s["teacher"].get("harmony")),
     }
 
 
-def aggregate(rows: list[dict[str, float | None]]) -> dict[str, dict[str, float | int | None]]:
+def aggregate(
+    rows: list[dict[str, float | None]], thresholds: list[float] | None = None
+) -> dict[str, dict[str, float | int | None]]:
     out: dict[str, dict[str, float | int | None]] = {}
-    for m in METRICS:
+    extra = [f"{k}@{t:g}" for t in thresholds or [] for k in ("harmonious_share", "mean_hs_easy")]
+    for m in (*METRICS, *extra):
         vals = [r[m] for r in rows if r.get(m) is not None]
         out[m] = {
             "mean": statistics.fmean(vals) if vals else None,
@@ -215,19 +295,30 @@ def _fmt(stat: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 
-def format_table(table: dict[str, dict[str, Any]], n_seeds: dict[str, int]) -> str:
+def format_table(
+    table: dict[str, dict[str, Any]], n_seeds: dict[str, int], thresholds: list[float] | None = None
+) -> str:
+    thresholds = thresholds or []
     head = f"| {'variant':<26} | seeds | {'AP':>11} | {'AP50':>11} | {'AP75':>11} | {'harm. %':>11} "
-    head += f"| {'mean HS easy':>13} | ΔAP vs baseline |"
+    head += f"| {'mean HS easy':>13} "
+    for t in thresholds:
+        head += f"| {f'harm. % @{t:g}':>13} | {f'HS easy @{t:g}':>13} "
+    head += "| ΔAP vs baseline |"
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     base = table.get("baseline", {}).get("AP", {}).get("mean")
+    missing = {"mean": None}
     for name, stats in table.items():
         ap = stats["AP"]["mean"]
         delta = "-" if ap is None or base is None or name == "baseline" else f"{ap - base:+.1f}"
-        lines.append(
+        line = (
             f"| {name:<26} | {n_seeds.get(name, 0):>5} | {_fmt(stats['AP']):>11} | {_fmt(stats['AP50']):>11} "
             f"| {_fmt(stats['AP75']):>11} | {_fmt(stats['harmonious_share'], 100):>11} "
-            f"| {_fmt(stats['mean_hs_easy'], 1, 3):>13} | {delta:>15} |"
+            f"| {_fmt(stats['mean_hs_easy'], 1, 3):>13} "
         )
+        for t in thresholds:
+            share = stats.get(f"harmonious_share@{t:g}", missing)
+            line += f"| {_fmt(share, 100):>13} | {_fmt(stats.get(f'mean_hs_easy@{t:g}', missing), 1, 3):>13} "
+        lines.append(line + f"| {delta:>15} |")
     return "\n".join(lines)
 
 
@@ -256,15 +347,28 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as err:  # keep going: one failed run must not lose the others
                 failures[key] = str(err)
                 print(f"[{key}] FAILED: {err}", flush=True)
+    if not args.table_only:
+        for out, cmd in harmony_commands(args, variants):
+            key = f"harmony {out}"
+            commands[key] = [" ".join(cmd)]
+            print(f"[{key}] {commands[key][0]}", flush=True)
+            if args.dry_run:
+                continue
+            try:
+                wall[key] = execute([cmd], out, args.threads)
+            except RuntimeError as err:
+                failures[key] = str(err)
+                print(f"[{key}] FAILED: {err}", flush=True)
     if args.dry_run:
         return 0
 
+    thresholds = list(args.harmony_score_thresh)
     runs: dict[str, dict[str, Any]] = {}
     per_variant: dict[str, list[dict[str, float | None]]] = {}
     teacher_rows: list[dict[str, float | None]] = []
     for name, overrides in variants.items():
         for seed in args.seeds:
-            got = read_run(args.out / name / f"seed{seed}", overrides)
+            got = read_run(args.out / name / f"seed{seed}", overrides, thresholds)
             if got is None:
                 continue
             runs[f"{name}/seed{seed}"] = got
@@ -274,19 +378,21 @@ def main(argv: list[str] | None = None) -> int:
     table: dict[str, dict[str, Any]] = {}
     n_seeds: dict[str, int] = {}
     if teacher_rows:  # one cached teacher: every summary reports the same numbers
-        table[f"teacher ({args.teacher})"] = aggregate(teacher_rows[:1])
+        teacher_row = {**teacher_rows[0], **extra_harmony(args.out / "teacher", thresholds)}
+        table[f"teacher ({args.teacher})"] = aggregate([teacher_row], thresholds)
         n_seeds[f"teacher ({args.teacher})"] = 1
     for name in variants:
         if name in per_variant:
-            table[name] = aggregate(per_variant[name])
+            table[name] = aggregate(per_variant[name], thresholds)
             n_seeds[name] = len(per_variant[name])
-    text = format_table(table, n_seeds)
+    text = format_table(table, n_seeds, thresholds)
     print(text)
     print(
         f"{args.student}-{args.head} student, teacher {args.teacher} ({args.teacher_iters} it), "
         f"{args.iters} it, batch {args.batch_size}, {args.num_train_images} train / "
         f"{args.num_val_images} val images, seeds {args.seeds}; mean ± sample std over seeds; "
         "harmonious: score >= 0.5 and IoU >= 0.7 (tbd harmony defaults)"
+        + "".join(f"; '@{t:g}': score >= {t:g}" for t in thresholds)
     )
     payload = {
         "meta": {

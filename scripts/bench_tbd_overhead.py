@@ -18,14 +18,26 @@ configured ``DISTILL.FEATURE_NORM``) with a BN-calibrated untrained teacher; the
 chosen with trained teachers, by ``scripts/loss_scale.py`` (docs/CONFIG.md).
 
     .venv/bin/python scripts/bench_tbd_overhead.py --iters 10 --threads 1
+
+``--memory`` measures peak memory instead: each step kind (student step, teacher forward, distill
+step) of each pair runs in a fresh process, and its peak is the growth of the process's max RSS
+over two steps, above the built models and batch (activations, gradients and autograd buffers;
+CPU). The student step and the distillation step build the same TBDistiller, so their difference
+is what distillation adds at its peak.
+
+    .venv/bin/python scripts/bench_tbd_overhead.py --memory --pairs fcos_to_tood --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -44,7 +56,10 @@ PAIRS = {
     "fcos": ("fcos_R18_FPN", "fcos_R50_FPN"),
     "faster_rcnn": ("faster_rcnn_R18_FPN", "faster_rcnn_R50_FPN"),
     "frcnn_to_retinanet": ("retinanet_R18_FPN", "faster_rcnn_R50_FPN"),
+    # the accuracy study's pair (docs/BENCHMARKS.md §1): FCOS R-50 teacher, TOOD R-18 (TAL) student
+    "fcos_to_tood": ("tood_R18_FPN", "fcos_R50_FPN"),
 }
+STEP_KINDS = ("student", "teacher", "distill")
 
 
 def _median_time(fn: Callable[[], Any], iters: int, warmup: int = 2) -> float:
@@ -149,6 +164,78 @@ def bench_pair(student: str, teacher: str, args: argparse.Namespace) -> dict[str
     return result
 
 
+def _rss_kib() -> int:
+    """Current resident set size of this process in KiB (Linux)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() // 1024
+
+
+def memory_case(student: str, teacher: str, kind: str, batch_size: int, size: int, threads: int) -> dict:
+    """Peak memory (MiB) of two steps of one kind, above the built TBDistiller and batch.
+
+    Runs in its own process (see ``_memory_in_subprocess``): ``ru_maxrss`` is a high-water mark
+    for the whole process. No BatchNorm calibration here (memory does not depend on the weights'
+    values, and a calibration forward would raise the mark before the measurement).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    opts = ["INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", str(size)]
+    torch.manual_seed(0)
+    model = build_model(distill_config(student, teacher, opts))
+    batch = synthetic_batch(batch_size, size, boxes_per_image=3, seed=0)
+    model.train()
+
+    def step() -> None:
+        if kind == "student":
+            model.student.zero_grad(set_to_none=True)
+            sum(model.student(batch).values()).backward()
+        elif kind == "teacher":
+            model.teacher_levels(batch)
+        else:
+            model.zero_grad(set_to_none=True)
+            sum(model(batch).values()).backward()
+
+    base = _rss_kib()
+    with EventStorage():
+        for _ in range(2):
+            step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def mib(module: torch.nn.Module) -> float:
+        return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+
+    return {
+        "kind": kind,
+        "peak_mib": (peak - base) / 1024,
+        "models_and_batch_mib": base / 1024,
+        "param_mib": mib(model),
+        "student_param_mib": mib(model.student),
+        "teacher_param_mib": mib(model.teacher),
+    }
+
+
+def _memory_in_subprocess(*case: object) -> dict:
+    here = str(Path(__file__).parent)
+    code = (
+        f"import json, sys; sys.path.insert(0, {here!r}); import bench_tbd_overhead as b; "
+        f"print(json.dumps(b.memory_case(*{case!r})))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory case {case} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(student: str, teacher: str, args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind in STEP_KINDS:
+        out[kind] = _memory_in_subprocess(student, teacher, kind, args.batch, args.size, args.threads)
+    extra = out["distill"]["peak_mib"] - out["student"]["peak_mib"]
+    out["distill_minus_student_mib"] = extra
+    out["distill_over_student"] = out["distill"]["peak_mib"] / out["student"]["peak_mib"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,10 +247,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave as is)")
     parser.add_argument("--teacher-amp", default="", choices=["", "bf16", "fp16"])
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument(
+        "--memory", action="store_true", help="measure peak memory per step kind instead of time"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
+    if args.memory:
+        for name in args.pairs:
+            student, teacher = PAIRS[name]
+            r = bench_memory(student, teacher, args)
+            results[name] = {"student": student, "teacher": teacher, **r}
+            print(
+                f"{name:20s} {teacher} -> {student}: peak above models + batch: student step "
+                f"{r['student']['peak_mib']:.0f} MiB  teacher fwd {r['teacher']['peak_mib']:.0f} MiB  "
+                f"distill step {r['distill']['peak_mib']:.0f} MiB  (distill - student "
+                f"{r['distill_minus_student_mib']:+.0f} MiB, x{r['distill_over_student']:.2f}); "
+                f"models + batch {r['distill']['models_and_batch_mib']:.0f} MiB RSS (parameters: student "
+                f"{r['distill']['student_param_mib']:.0f} MiB, teacher {r['distill']['teacher_param_mib']:.0f} "
+                "MiB)",
+                flush=True,
+            )
+        print(f"batch {args.batch}, {args.size} px, {args.threads or torch.get_num_threads()} thread(s), CPU")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     for name in args.pairs:
         student, teacher = PAIRS[name]
         r = bench_pair(student, teacher, args)

@@ -1,0 +1,101 @@
+"""scripts/bench_accuracy.py: which runs are done, what is still to measure, and the aggregation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parent.parent / "scripts" / "bench_accuracy.py"
+_spec = importlib.util.spec_from_file_location("bench_accuracy", _PATH)
+assert _spec and _spec.loader
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def _harmony(folder: Path, share: float | None, mean_hs: float | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model = {"harmonious_share": share, "mean_hs_easy": mean_hs}
+    (folder / "harmony.json").write_text(json.dumps({"models": {"student": model}}))
+
+
+def _baseline(run: Path, ap: float, share_03: float | None = None) -> None:
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"bbox": {"AP": ap, "AP50": 2 * ap, "AP75": ap}}))
+    _harmony(run / "harmony", None, None)  # nothing scores >= 0.5
+    if share_03 is not None:
+        _harmony(run / "harmony_s0.3", share_03, 0.6)
+
+
+def _distilled(run: Path, ap: float, teacher_ap: float) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "student": {"bbox": {"AP": ap, "AP50": 2 * ap, "AP75": ap}, "harmony": None},
+        "teacher": {"bbox": {"AP": teacher_ap}, "harmony": {"harmonious_share": 0.4, "mean_hs_easy": 0.6}},
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    cfg = (
+        "DISTILL:\n  TEACHER_CONFIG: configs/fcos_R50_FPN.yaml\n  TEACHER_WEIGHTS: /cache/t/model_final.pth\n"
+    )
+    (run / "config.yaml").write_text(cfg)
+
+
+def _args(out: Path, seeds: list[int], thresholds: list[float]) -> object:
+    return bench.parse_args(
+        ["--out", str(out), "--seeds", *map(str, seeds), "--harmony-score-thresh", *map(str, thresholds)]
+    )
+
+
+def test_extra_threshold_commands_cover_missing_runs_and_the_teacher_once(tmp_path: Path) -> None:
+    _baseline(tmp_path / "baseline" / "seed0", 6.0, share_03=0.2)  # already measured at 0.3
+    _baseline(tmp_path / "baseline" / "seed1", 7.0)
+    _distilled(tmp_path / "tbd_full" / "seed0", 10.0, 16.6)
+    _distilled(tmp_path / "tbd_full" / "seed1", 11.0, 16.6)
+    (tmp_path / "hd_only" / "seed0").mkdir(parents=True)  # unfinished: nothing to measure yet
+    args = _args(tmp_path, [0, 1], [0.3])
+    todo = bench.harmony_commands(args, bench.variant_overrides(args))
+    outs = [out.relative_to(tmp_path).as_posix() for out, _ in todo]
+    assert outs == [
+        "baseline/seed1/harmony_s0.3",
+        "tbd_full/seed0/harmony_s0.3",
+        "tbd_full/seed1/harmony_s0.3",
+        "teacher/harmony_s0.3",
+    ]
+    teacher_cmd = todo[-1][1]
+    assert "teacher=configs/fcos_R50_FPN.yaml:/cache/t/model_final.pth" in teacher_cmd
+    assert teacher_cmd[teacher_cmd.index("--score-thresh") + 1] == "0.3"
+    student_cmd = todo[0][1]
+    assert f"student={tmp_path / 'baseline' / 'seed1'}" in student_cmd
+    assert student_cmd[student_cmd.index("--num-train-images") + 1] == str(args.num_train_images)
+
+
+def test_aggregation_mean_and_sample_std_with_extra_thresholds(tmp_path: Path) -> None:
+    _baseline(tmp_path / "baseline" / "seed0", 6.0, share_03=0.2)
+    _baseline(tmp_path / "baseline" / "seed1", 8.0, share_03=0.4)
+    rows = [bench.read_run(tmp_path / "baseline" / f"seed{s}", None, [0.3])["student"] for s in (0, 1)]
+    stats = bench.aggregate(rows, [0.3])
+    assert stats["AP"]["mean"] == pytest.approx(7.0)
+    assert stats["AP"]["std"] == pytest.approx(math.sqrt(2.0))  # sample std of (6, 8)
+    assert stats["AP50"]["mean"] == pytest.approx(14.0)
+    assert stats["harmonious_share"] == {"mean": None, "std": None, "n": 0}  # undefined at 0.5
+    assert stats["harmonious_share@0.3"]["mean"] == pytest.approx(0.3)
+    assert stats["harmonious_share@0.3"]["n"] == 2
+    table = bench.format_table({"baseline": stats}, {"baseline": 2}, [0.3])
+    header, _, row = table.splitlines()
+    assert "harm. % @0.3" in header
+    assert "30.0 ± 14.1" in row  # shares are printed in percent
+    assert "7.0 ± 1.4" in row
+
+
+def test_unfinished_runs_are_not_read(tmp_path: Path) -> None:
+    run = tmp_path / "tbd_full" / "seed0"
+    run.mkdir(parents=True)
+    assert bench.read_run(run, [], [0.3]) is None
+    _distilled(run, 10.0, 16.6)
+    got = bench.read_run(run, [], [0.3])
+    assert got["student"]["AP"] == 10.0
+    assert got["student"]["harmonious_share@0.3"] is None  # not measured yet
+    assert got["teacher"]["harmonious_share"] == pytest.approx(0.4)
