@@ -322,6 +322,38 @@ def format_table(
     return "\n".join(lines)
 
 
+def plot_accuracy(
+    per_variant: dict[str, list[dict[str, float | None]]],
+    teacher: dict[str, float | None] | None,
+    path: Path,
+    title: str,
+) -> Path:
+    """AP per variant: mean ± sample std over seeds as bars, each seed as a dot, teacher as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, rows in per_variant.items() if any(r.get("AP") is not None for r in rows)]
+    fig, ax = plt.subplots(figsize=(1.1 * max(len(names), 3) + 2.0, 4.0))
+    for i, name in enumerate(names):
+        aps = [r["AP"] for r in per_variant[name] if r.get("AP") is not None]
+        std = statistics.stdev(aps) if len(aps) > 1 else 0.0
+        color = "tab:gray" if name == "baseline" else "tab:blue"
+        ax.bar(i, statistics.fmean(aps), yerr=std, capsize=4, color=color, alpha=0.6)
+        ax.scatter([i] * len(aps), aps, color="black", s=12, zorder=3)
+    if teacher is not None and teacher.get("AP") is not None:
+        ax.axhline(teacher["AP"], color="tab:red", linestyle="--", label=f"teacher {teacher['AP']:.1f} AP")
+        ax.legend(loc="upper left")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("COCO AP (val)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     variants = variant_overrides(args)
@@ -413,6 +445,15 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(payload, indent=1))
     (args.out / "accuracy.md").write_text(text + "\n")
     print(f"wrote {json_path}")
+    if per_variant:
+        title = (
+            f"{args.student}-{args.head}, {args.iters} it, batch {args.batch_size}; "
+            f"bars: mean ± std over seeds, dots: seeds"
+        )
+        png = plot_accuracy(
+            per_variant, teacher_rows[0] if teacher_rows else None, json_path.with_suffix(".png"), title
+        )
+        print(f"wrote {png}")
     return 1 if failures else 0
 
 

@@ -99,3 +99,13 @@ def test_unfinished_runs_are_not_read(tmp_path: Path) -> None:
     assert got["student"]["AP"] == 10.0
     assert got["student"]["harmonious_share@0.3"] is None  # not measured yet
     assert got["teacher"]["harmonious_share"] == pytest.approx(0.4)
+
+
+def test_plot_writes_a_png_for_the_finished_variants(tmp_path: Path) -> None:
+    per_variant = {
+        "baseline": [{"AP": 6.0}, {"AP": 7.0}],
+        "tbd_full": [{"AP": 10.0}],
+        "hd_only": [{"AP": None}],  # nothing detected: left out of the plot
+    }
+    path = bench.plot_accuracy(per_variant, {"AP": 16.6}, tmp_path / "accuracy.png", "title")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
