@@ -81,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--table-only", action="store_true", help="only collect what exists and print it")
     p.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="train nothing: only the --harmony-score-thresh measurements of finished runs, then the table",
+    )
+    p.add_argument(
         "--harmony-score-thresh",
         type=float,
         nargs="*",
@@ -366,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, overrides in variants.items():
             run_dir = args.out / name / f"seed{seed}"
             key = f"{name}/seed{seed}"
-            if is_done(run_dir, overrides) or args.table_only:
+            if is_done(run_dir, overrides) or args.table_only or args.measure_only:
                 continue
             cmds = run_commands(args, name, overrides, seed, run_dir)
             commands[key] = [" ".join(c) for c in cmds]
