@@ -261,21 +261,50 @@ def extra_harmony(folder: Path, thresholds: list[float]) -> dict[str, float | No
     return row
 
 
+DISTILL_LOSSES = ("loss_hd", "loss_tfd", "loss_mimic")
+
+
+def training_stats(run_dir: Path) -> dict[str, float | None]:
+    """From a run's ``metrics.json``: median step time, and at the last logged step the share of the
+    distillation losses in the total loss and TWG's ω_c averaged over levels (``None`` if absent)."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return {"step_s": None, "distill_share_last": None, "twg_w_cls_last": None}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "time" in r and "total_loss" in r]
+    times = [r["time"] for r in steps]
+    share = twg = None
+    if steps:
+        last = steps[-1]
+        total = last["total_loss"]
+        share = sum(last.get(k, 0.0) for k in DISTILL_LOSSES) / total if total else None
+        w = [v for k, v in last.items() if k.startswith("tbd/twg_w_cls_")]
+        twg = statistics.fmean(w) if w else None
+    return {
+        "step_s": statistics.median(times) if times else None,
+        "distill_share_last": share,
+        "twg_w_cls_last": twg,
+    }
+
+
 def read_run(
     run_dir: Path, overrides: list[str] | None, thresholds: list[float] | None = None
 ) -> dict[str, Any] | None:
-    """``{"student": row, "teacher": row | None}`` of a finished run, else ``None``."""
+    """``{"student": row, "teacher": row | None, "training": stats}`` of a finished run, else ``None``."""
     if not is_done(run_dir, overrides):
         return None
     extra = extra_harmony(run_dir, thresholds or [])
+    training = training_stats(run_dir)
     if overrides is None:
         bbox = json.loads((run_dir / "results.json").read_text()).get("bbox", {})
         models = json.loads((run_dir / "harmony" / "harmony.json").read_text())["models"]
-        return {"student": {**_row(bbox, next(iter(models.values()))), **extra}, "teacher": None}
+        student = {**_row(bbox, next(iter(models.values()))), **extra}
+        return {"student": student, "teacher": None, "training": training}
     s = json.loads((run_dir / "summary.json").read_text())
     return {
         "student": {**_row(s["student"].get("bbox", {}), s["student"].get("harmony")), **extra},
         "teacher": _row(s["teacher"].get("bbox", {}), s["teacher"].get("harmony")),
+        "training": training,
     }
 
 

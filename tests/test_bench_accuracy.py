@@ -109,3 +109,39 @@ def test_plot_writes_a_png_for_the_finished_variants(tmp_path: Path) -> None:
     }
     path = bench.plot_accuracy(per_variant, {"AP": 16.6}, tmp_path / "accuracy.png", "title")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_stats_read_the_last_logged_step(tmp_path: Path) -> None:
+    lines = [
+        {"iteration": 19, "time": 1.0, "total_loss": 4.0, "loss_cls": 2.0, "loss_hd": 1.0, "loss_tfd": 1.0},
+        {
+            "iteration": 39,
+            "time": 3.0,
+            "total_loss": 2.0,
+            "loss_cls": 1.5,
+            "loss_tfd": 0.5,
+            "tbd/twg_w_cls_s8": 0.2,
+            "tbd/twg_w_cls_s16": 0.4,
+        },
+        {"iteration": 39, "bbox/AP": 5.0},  # the evaluation record has no step time
+        {
+            "iteration": 59,
+            "time": 2.0,
+            "total_loss": 2.0,
+            "loss_cls": 1.0,
+            "loss_hd": 0.5,
+            "loss_tfd": 0.5,
+            "tbd/twg_w_cls_s8": 0.1,
+            "tbd/twg_w_cls_s16": 0.3,
+        },
+    ]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    stats = bench.training_stats(tmp_path)
+    assert stats["step_s"] == pytest.approx(2.0)  # median of 1, 3, 2
+    assert stats["distill_share_last"] == pytest.approx(0.5)  # (0.5 + 0.5) / 2
+    assert stats["twg_w_cls_last"] == pytest.approx(0.2)  # mean of 0.1 and 0.3
+    assert bench.training_stats(tmp_path / "missing") == {
+        "step_s": None,
+        "distill_share_last": None,
+        "twg_w_cls_last": None,
+    }
