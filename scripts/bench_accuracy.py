@@ -333,7 +333,7 @@ def format_table(
     table: dict[str, dict[str, Any]], n_seeds: dict[str, int], thresholds: list[float] | None = None
 ) -> str:
     thresholds = thresholds or []
-    head = f"| {'variant':<26} | seeds | {'AP':>11} | {'AP50':>11} | {'AP75':>11} | {'harm. %':>11} "
+    head = f"| {'variant':<28} | seeds | {'AP':>11} | {'AP50':>11} | {'AP75':>11} | {'harm. %':>11} "
     head += f"| {'mean HS easy':>13} "
     for t in thresholds:
         head += f"| {f'harm. % @{t:g}':>13} | {f'HS easy @{t:g}':>13} "
@@ -345,7 +345,7 @@ def format_table(
         ap = stats["AP"]["mean"]
         delta = "-" if ap is None or base is None or name == "baseline" else f"{ap - base:+.1f}"
         line = (
-            f"| {name:<26} | {n_seeds.get(name, 0):>5} | {_fmt(stats['AP']):>11} | {_fmt(stats['AP50']):>11} "
+            f"| {name:<28} | {n_seeds.get(name, 0):>5} | {_fmt(stats['AP']):>11} | {_fmt(stats['AP50']):>11} "
             f"| {_fmt(stats['AP75']):>11} | {_fmt(stats['harmonious_share'], 100):>11} "
             f"| {_fmt(stats['mean_hs_easy'], 1, 3):>13} "
         )
