@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 from pathlib import Path
+
+from fresh_process import run_case  # scripts/ is on sys.path when a script runs
 
 PYRAMIDS = {"128": (128, 128), "512": (512, 512), "800x1333": (800, 1333)}
 STRIDES = [8, 16, 32, 64, 128]
@@ -131,18 +131,6 @@ def _case(num_gts: int, pyramid: str, reps: int, batch: int, threads: int = 1) -
     }
 
 
-def _run_in_subprocess(num_gts: int, pyramid: str, reps: int, batch: int, threads: int) -> dict:
-    here = str(Path(__file__).parent)
-    code = (
-        f"import json, sys; sys.path.insert(0, {here!r}); import bench_dw_weights as b; "
-        f"print(json.dumps(b._case({num_gts}, {pyramid!r}, {reps}, {batch}, {threads})))"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"case {pyramid} / {num_gts} GTs failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gts", type=int, nargs="+", default=[10, 100, 500])
@@ -162,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for pyramid in args.pyramids:
         for g in args.gts:
-            r = _run_in_subprocess(g, pyramid, args.reps, args.batch, args.threads)
+            r = run_case("bench_dw_weights", "_case", g, pyramid, args.reps, args.batch, args.threads)
             rows.append(r)
             print(
                 f"| {pyramid:>9} | {r['points']:>6} | {g:>4} | {1e3 * r['weights_s']:>10.1f} "

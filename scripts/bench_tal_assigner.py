@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 from pathlib import Path
+
+from fresh_process import run_case  # scripts/ is on sys.path when a script runs
 
 PYRAMIDS = {"128": (128, 128), "512": (512, 512), "800x1333": (800, 1333)}
 STRIDES = [8, 16, 32, 64, 128]
@@ -75,16 +75,6 @@ def _case(impl: str, num_gts: int, pyramid: str, reps: int, batch: int, threads:
     }
 
 
-def _run_in_subprocess(impl: str, num_gts: int, pyramid: str, reps: int, batch: int, threads: int) -> dict:
-    here = str(Path(__file__).parent)
-    code = (
-        f"import json, sys; sys.path.insert(0, {here!r}); import bench_tal_assigner as b; "
-        f"print(json.dumps(b._case({impl!r}, {num_gts}, {pyramid!r}, {reps}, {batch}, {threads})))"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gts", type=int, nargs="+", default=[10, 100, 500])
@@ -102,9 +92,20 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * len(header))
     for pyramid in args.pyramids:
         for g in args.gts:
-            vec = _run_in_subprocess("vectorised", g, pyramid, args.reps, args.batch, args.threads)
+            vec = run_case(
+                "bench_tal_assigner", "_case", "vectorised", g, pyramid, args.reps, args.batch, args.threads
+            )
             slow = g * vec["points"] > 2_000_000
-            loop = _run_in_subprocess("loop", g, pyramid, 1 if slow else args.reps, args.batch, args.threads)
+            loop = run_case(
+                "bench_tal_assigner",
+                "_case",
+                "loop",
+                g,
+                pyramid,
+                1 if slow else args.reps,
+                args.batch,
+                args.threads,
+            )
             same = vec["positives"] == loop["positives"]
             rows.append({"vectorised": vec, "loop": loop, "same_positive_count": same})
             print(

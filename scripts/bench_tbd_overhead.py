@@ -34,13 +34,12 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from fresh_process import run_case  # scripts/ is on sys.path when a script runs
 
 import tbd  # noqa: F401  (compat shims before any detectron2.modeling import)
 
@@ -173,7 +172,7 @@ def _rss_kib() -> int:
 def memory_case(student: str, teacher: str, kind: str, batch_size: int, size: int, threads: int) -> dict:
     """Peak memory (MiB) of two steps of one kind, above the built TBDistiller and batch.
 
-    Runs in its own process (see ``_memory_in_subprocess``): ``ru_maxrss`` is a high-water mark
+    Runs in its own process (``fresh_process.run_case``): ``ru_maxrss`` is a high-water mark
     for the whole process. No BatchNorm calibration here (memory does not depend on the weights'
     values, and a calibration forward would raise the mark before the measurement).
     """
@@ -214,22 +213,12 @@ def memory_case(student: str, teacher: str, kind: str, batch_size: int, size: in
     }
 
 
-def _memory_in_subprocess(*case: object) -> dict:
-    here = str(Path(__file__).parent)
-    code = (
-        f"import json, sys; sys.path.insert(0, {here!r}); import bench_tbd_overhead as b; "
-        f"print(json.dumps(b.memory_case(*{case!r})))"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory case {case} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def bench_memory(student: str, teacher: str, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in STEP_KINDS:
-        out[kind] = _memory_in_subprocess(student, teacher, kind, args.batch, args.size, args.threads)
+        out[kind] = run_case(
+            "bench_tbd_overhead", "memory_case", student, teacher, kind, args.batch, args.size, args.threads
+        )
     extra = out["distill"]["peak_mib"] - out["student"]["peak_mib"]
     out["distill_minus_student_mib"] = extra
     out["distill_over_student"] = out["distill"]["peak_mib"] / out["student"]["peak_mib"]

@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 from pathlib import Path
+
+from fresh_process import run_case  # scripts/ is on sys.path when a script runs
 
 SIZES = {"800x1333": (800, 1333), "128": (128, 128)}
 PRECISIONS = {"cpu": ["fp32", "bf16"], "cuda": ["fp32", "fp16", "bf16"]}
@@ -115,18 +115,6 @@ def _case(config: str, device: str, precision: str, size: str, batch: int, reps:
     }
 
 
-def _run_in_subprocess(*case: object) -> dict:
-    here = str(Path(__file__).parent)
-    code = (
-        f"import json, sys; sys.path.insert(0, {here!r}); import bench_teacher_amp as b; "
-        f"print(json.dumps(b._case(*{case!r})))"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"case {case} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -156,7 +144,17 @@ def main(argv: list[str] | None = None) -> None:
             batch = args.batch if size == "800x1333" else args.batch_small
             fp32_time = None
             for precision in PRECISIONS[device]:
-                r = _run_in_subprocess(args.config, device, precision, size, batch, args.reps, args.threads)
+                r = run_case(
+                    "bench_teacher_amp",
+                    "_case",
+                    args.config,
+                    device,
+                    precision,
+                    size,
+                    batch,
+                    args.reps,
+                    args.threads,
+                )
                 rows.append(r)
                 fp32_time = r["time_s"] if precision == "fp32" else fp32_time
                 speed = fp32_time / r["time_s"] if fp32_time else float("nan")
