@@ -112,22 +112,20 @@ def _tbd() -> list[str]:
     return [sys.executable, "-m", "tbd.cli.main"]
 
 
-def _common_flags(args: argparse.Namespace, seed: int) -> list[str]:
-    flags = [
-        "--iters",
-        str(args.iters),
-        "--batch-size",
-        str(args.batch_size),
+def _dataset_flags(args: argparse.Namespace) -> list[str]:
+    return [
         "--num-train-images",
         str(args.num_train_images),
         "--num-val-images",
         str(args.num_val_images),
-        "--seed",
-        str(seed),
         "--device",
         args.device,
     ]
-    return flags
+
+
+def _common_flags(args: argparse.Namespace, seed: int) -> list[str]:
+    schedule = ["--iters", str(args.iters), "--batch-size", str(args.batch_size), "--seed", str(seed)]
+    return schedule + _dataset_flags(args)
 
 
 def _extra_opts(args: argparse.Namespace) -> list[str]:
@@ -164,17 +162,6 @@ def is_done(run_dir: Path, overrides: list[str] | None) -> bool:
     return (run_dir / "summary.json").is_file()
 
 
-def _dataset_flags(args: argparse.Namespace) -> list[str]:
-    return [
-        "--num-train-images",
-        str(args.num_train_images),
-        "--num-val-images",
-        str(args.num_val_images),
-        "--device",
-        args.device,
-    ]
-
-
 def thresh_dir(thresh: float) -> str:
     return f"harmony_s{thresh:g}"
 
@@ -196,17 +183,33 @@ def harmony_commands(
                 continue
             if overrides is not None and teacher is None:
                 teacher = teacher_of(run_dir)
-            for t in args.harmony_score_thresh:
-                out = run_dir / thresh_dir(t)
-                if not (out / "harmony.json").is_file():
-                    cmd = [*_tbd(), "harmony", "--run", f"student={run_dir}", "--score-thresh", f"{t:g}"]
-                    todo.append((out, [*cmd, "-o", str(out), *_dataset_flags(args)]))
+            todo += _missing_harmony(args, run_dir, ["--run", f"student={run_dir}"])
     if teacher is not None:
-        for t in args.harmony_score_thresh:
-            out = args.out / "teacher" / thresh_dir(t)
-            if not (out / "harmony.json").is_file():
-                cmd = [*_tbd(), "harmony", "--model", f"teacher={teacher[0]}:{teacher[1]}"]
-                todo.append((out, [*cmd, "--score-thresh", f"{t:g}", "-o", str(out), *_dataset_flags(args)]))
+        todo += _missing_harmony(
+            args, args.out / "teacher", ["--model", f"teacher={teacher[0]}:{teacher[1]}"]
+        )
+    return todo
+
+
+def _missing_harmony(
+    args: argparse.Namespace, folder: Path, model: list[str]
+) -> list[tuple[Path, list[str]]]:
+    """``tbd harmony`` of one model at every --harmony-score-thresh not yet measured in ``folder``."""
+    todo = []
+    for t in args.harmony_score_thresh:
+        out = folder / thresh_dir(t)
+        if not (out / "harmony.json").is_file():
+            cmd = [
+                *_tbd(),
+                "harmony",
+                *model,
+                "--score-thresh",
+                f"{t:g}",
+                "-o",
+                str(out),
+                *_dataset_flags(args),
+            ]
+            todo.append((out, cmd))
     return todo
 
 
@@ -232,6 +235,23 @@ def execute(cmds: list[list[str]], run_dir: Path, threads: int) -> float:
             if rc != 0:
                 raise RuntimeError(f"exit {rc}: {' '.join(cmd)} (log: {run_dir / 'bench_stdout.log'})")
     return time.perf_counter() - t0
+
+
+def attempt(
+    key: str,
+    cmds: list[list[str]],
+    run_dir: Path,
+    threads: int,
+    wall: dict[str, float],
+    failures: dict[str, str],
+) -> None:
+    """Run one job, recording its wall time or its failure (one failed job must not lose the others)."""
+    try:
+        wall[key] = execute(cmds, run_dir, threads)
+        print(f"[{key}] done in {wall[key]:.0f}s", flush=True)
+    except RuntimeError as err:
+        failures[key] = str(err)
+        print(f"[{key}] FAILED: {err}", flush=True)
 
 
 # ---------------------------------------------------------------------------- collecting results
@@ -405,26 +425,15 @@ def main(argv: list[str] | None = None) -> int:
             cmds = run_commands(args, name, overrides, seed, run_dir)
             commands[key] = [" ".join(c) for c in cmds]
             print(f"[{key}] " + "\n    ".join(commands[key]), flush=True)
-            if args.dry_run:
-                continue
-            try:
-                wall[key] = execute(cmds, run_dir, args.threads)
-                print(f"[{key}] done in {wall[key]:.0f}s", flush=True)
-            except RuntimeError as err:  # keep going: one failed run must not lose the others
-                failures[key] = str(err)
-                print(f"[{key}] FAILED: {err}", flush=True)
+            if not args.dry_run:
+                attempt(key, cmds, run_dir, args.threads, wall, failures)
     if not args.table_only:
         for out, cmd in harmony_commands(args, variants):
             key = f"harmony {out}"
             commands[key] = [" ".join(cmd)]
             print(f"[{key}] {commands[key][0]}", flush=True)
-            if args.dry_run:
-                continue
-            try:
-                wall[key] = execute([cmd], out, args.threads)
-            except RuntimeError as err:
-                failures[key] = str(err)
-                print(f"[{key}] FAILED: {err}", flush=True)
+            if not args.dry_run:
+                attempt(key, [cmd], out, args.threads, wall, failures)
     if args.dry_run:
         return 0
 
