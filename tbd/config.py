@@ -26,6 +26,12 @@ def add_project_config(cfg: CN) -> None:
     cfg.TBD.MAX_NONFINITE_STEPS = 5
     # iterations between two progress lines (or live-bar refreshes)
     cfg.TBD.PROGRESS_PERIOD = 20
+    # a partial fill of the backbone by MODEL.WEIGHTS (tbd.engine.weights) is an error unless True
+    cfg.TBD.ALLOW_PARTIAL_WEIGHTS = False
+    # the student profile the config was made with (tbd.profiles: embedded, coco, custom; "" = none)
+    cfg.TBD.PROFILE = ""
+    # how the input size was chosen (e.g. "median shorter side of the training images 400 px")
+    cfg.TBD.INPUT_SIZE_RULE = ""
     # Detectron2 0.6 has no optimizer key: "SGD" (its only optimizer) or "ADAMW" (tbd.engine.optim)
     cfg.SOLVER.OPTIMIZER = "SGD"
 

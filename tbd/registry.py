@@ -2,7 +2,7 @@
 
 A teacher file says, per dataset, which Detectron2 config it uses, where its weights come from
 (a model-zoo URL, a local path, or ``train`` = train it here and cache it) and its reported AP.
-Students are a depth (``r18``/``r34``/``r50``) plus a head (``tal``, ``et``, ``dw``,
+Students are a depth (``r18``/``r34``/``r50``/``r101``) plus a head (``tal``, ``et``, ``dw``,
 ``retinanet``, ``fcos``).
 """
 
@@ -124,7 +124,7 @@ def get_teacher(name: str, directory: Path | None = None) -> Teacher:
 
 
 #: student name -> ResNet depth
-STUDENT_DEPTHS = {"r18": 18, "r34": 34, "r50": 50}
+STUDENT_DEPTHS = {"r18": 18, "r34": 34, "r50": 50, "r101": 101}
 #: head name -> config file pattern (the depth-18 config is the base for r18/r34)
 HEAD_CONFIGS = {
     "tal": "tood_R{depth}_FPN.yaml",
@@ -138,7 +138,10 @@ DEFAULT_HEAD = "tal"
 
 
 def student_spec(name: str, head: str = DEFAULT_HEAD) -> ModelSpec:
-    """The config for student ``name`` (``r18``, ``r34``, ``r50``) with ``head``."""
+    """The config for student ``name`` (``r18``, ``r34``, ``r50``, ``r101``) with ``head``.
+
+    The config is the embedded-data one; :func:`tbd.profiles.apply_profile` adapts it to COCO or a
+    user's data."""
     if name not in STUDENT_DEPTHS:
         raise RegistryError(f"unknown student {name!r}; known: {', '.join(STUDENT_DEPTHS)}")
     if head not in HEAD_CONFIGS:

@@ -35,6 +35,103 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-val-images", type=int, default=200, help="embedded dataset: validation images")
 
 
+def add_profile_args(p: argparse.ArgumentParser, weights_flag: str = "--student-weights") -> None:
+    g = p.add_argument_group(
+        "student profile (tbd.profiles; default: from the dataset — embedded, coco, or custom for your json)"
+    )
+    g.add_argument(
+        "--profile",
+        choices=("embedded", "coco", "custom"),
+        help="embedded: 128 px from scratch (CPU demo); coco: Detectron2's COCO setting (640-800/1333, "
+        "ImageNet init, FrozenBN, SGD 0.01 at batch 16); custom: coco at your data's input size",
+    )
+    g.add_argument(
+        "--input-size",
+        type=int,
+        help="test-time shorter side (training: 0.8-1.0 of it); custom default: the training images' "
+        "median shorter side, bounded to 320..800",
+    )
+    g.add_argument(
+        "--schedule",
+        choices=("1x", "2x", "3x"),
+        help="coco: 90k/180k/270k it at batch 16; custom: 12/24/36 epochs",
+    )
+    g.add_argument(
+        weights_flag,
+        dest="student_weights",
+        help="initial weights: torchvision://resnet50, a torchvision state dict, a Detectron2 .pth/.pkl "
+        "(e.g. detectron2://ImageNetPretrained/MSRA/R-50.pkl); coco/custom default: torchvision://resnet<depth>",
+    )
+    g.add_argument(
+        "--from-scratch", action="store_true", help="no initial weights (BatchNorm trained, nothing frozen)"
+    )
+    g.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="accept initial weights that fill the backbone only partly (TBD.ALLOW_PARTIAL_WEIGHTS)",
+    )
+
+
+def apply_student_profile(cfg: CfgNode, args: argparse.Namespace, train: str) -> Any:
+    """Adapt a student config to the data (``tbd.profiles``); returns the ProfileInfo."""
+    from tbd.engine.weights import WeightsError
+    from tbd.profiles import ProfileError, apply_profile, profile_for_dataset
+
+    profile = getattr(args, "profile", None) or profile_for_dataset(train)
+    try:
+        info = apply_profile(
+            cfg,
+            profile,
+            train_name=train,
+            batch_size=getattr(args, "batch_size", None),
+            schedule=getattr(args, "schedule", None),
+            input_size=getattr(args, "input_size", None),
+            from_scratch=getattr(args, "from_scratch", False),
+            weights=getattr(args, "student_weights", None),
+            world_size=args.num_gpus * args.num_machines,
+        )
+    except (ProfileError, WeightsError) as err:
+        raise UsageError(str(err)) from err
+    cfg.TBD.PROFILE = info.name
+    cfg.TBD.INPUT_SIZE_RULE = info.input_rule
+    if getattr(args, "allow_partial_weights", False):
+        cfg.TBD.ALLOW_PARTIAL_WEIGHTS = True
+    return info
+
+
+def check_weights_arg(spec: str, flag: str) -> None:
+    """Fail before training when a local weights file named on the command line is absent."""
+    from tbd.engine.weights import TORCHVISION_SCHEME, WeightsError, torchvision_weights
+
+    try:
+        if spec.startswith(TORCHVISION_SCHEME):
+            torchvision_weights(spec)
+        elif "://" not in spec and not Path(spec).expanduser().is_file():
+            raise WeightsError(
+                f"{flag} {spec} does not exist; pass a checkpoint file, a URL or torchvision://NAME"
+            )
+    except WeightsError as err:
+        raise UsageError(str(err)) from err
+
+
+def print_profile(cfg: CfgNode, info: Any) -> None:
+    """One line (plus warnings) before training: what the data made of the student."""
+    train_sizes = cfg.INPUT.MIN_SIZE_TRAIN
+    lo, hi = min(train_sizes), max(train_sizes)
+    span = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    console.print(
+        f"student profile [bold]{info.name}[/]: input {span} / {cfg.INPUT.MAX_SIZE_TRAIN} px for training, "
+        f"{cfg.INPUT.MIN_SIZE_TEST} / {cfg.INPUT.MAX_SIZE_TEST} px for testing ({info.input_rule}); "
+        f"weights {info.weights or '(from scratch)'}; FPN {cfg.MODEL.FPN.OUT_CHANNELS} ch, "
+        f"backbone norm {cfg.MODEL.RESNETS.NORM}, FREEZE_AT {cfg.MODEL.BACKBONE.FREEZE_AT}",
+        soft_wrap=True,
+    )
+    for note in info.notes:
+        console.print(f"  {note}", soft_wrap=True)
+    for warning in info.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+
 def add_output_args(p: argparse.ArgumentParser, default: str) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", default=default, help=f"output directory (default: {default})")

@@ -38,13 +38,16 @@ def add_parser(sub: Any) -> None:
         "--teacher-cache",
         help="where teachers trained here are kept (default $TBD_CACHE or ~/.cache/tbd, + /teachers)",
     )
-    g.add_argument("--student", "-s", default="r18", help="student: r18 (default), r34, r50, or a config")
+    g.add_argument(
+        "--student", "-s", default="r18", help="student: r18 (default), r34, r50, r101, or a config"
+    )
     g.add_argument("--head", default="tal", help="student head: tal (default), et, dw, retinanet, fcos")
     g.add_argument(
         "--teacher-amp", choices=["", "bf16", "fp16"], help="teacher precision (DISTILL.TEACHER_AMP)"
     )
     g.add_argument("--no-harmony", action="store_true", help="skip the harmonious-ratio analysis at the end")
     common.add_dataset_args(p)
+    common.add_profile_args(p)
     common.add_output_args(p, default="runs/distill")
     common.add_schedule_args(p)
     common.add_launch_args(p)
@@ -150,20 +153,31 @@ def teacher_key(cfg: CfgNode) -> str:
 
 
 def student_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
-    """The student's own config with the run's datasets, classes, device and schedule."""
+    """The student's own config: its profile for the data, datasets, classes, device and schedule."""
     from tbd.config import load_config
+    from tbd.registry import STUDENT_DEPTHS
 
     spec = _student_spec(args)
     cfg = load_config(spec.config, spec.opts)
+    if args.student in STUDENT_DEPTHS:
+        args.profile_info = common.apply_student_profile(cfg, args, train)
+    elif args.student_weights:
+        common.check_weights_arg(args.student_weights, "--student-weights")
+        cfg.MODEL.WEIGHTS = args.student_weights
     return common.apply_common(cfg, args, train, test)
 
 
 def build_distill_cfg(
-    args: argparse.Namespace, train: str, test: str, teacher_config: Path, teacher_weights: str
+    args: argparse.Namespace,
+    train: str,
+    test: str,
+    teacher_config: Path,
+    teacher_weights: str,
+    student: CfgNode | None = None,
 ) -> CfgNode:
     from tbd.config import load_config
 
-    cfg = student_train_cfg(args, train, test)
+    cfg = student if student is not None else student_train_cfg(args, train, test)
     student_arch = cfg.MODEL.META_ARCHITECTURE
     if student_arch == "TBDistiller":
         raise UsageError(f"{args.student} is already a distillation config; pass a student config")
@@ -319,11 +333,14 @@ def run(args: argparse.Namespace) -> int:
 
     train, test = common.resolve_datasets(args)
     out = common.prepare_output_dir(args.output, args.resume, args.overwrite)
-    common.check_batch_per_process(student_train_cfg(args, train, test), args.num_gpus * args.num_machines)
+    student = student_train_cfg(args, train, test)
+    common.check_batch_per_process(student, args.num_gpus * args.num_machines)
     teacher_config, teacher_weights = resolve_teacher(args, train, test)
-    cfg = build_distill_cfg(args, train, test, teacher_config, teacher_weights)
+    cfg = build_distill_cfg(args, train, test, teacher_config, teacher_weights, student=student)
     check_pair(cfg)
     (out / "config.yaml").write_text(cfg.dump())
+    if getattr(args, "profile_info", None) is not None:
+        common.print_profile(cfg, args.profile_info)
     console.print(
         f"[bold]tbd distill[/] {args.teacher_config or args.teacher} -> {args.student} ({args.head}) on {train} -> {out}  "
         f"({cfg.SOLVER.MAX_ITER} iterations, batch {cfg.SOLVER.IMS_PER_BATCH}, {cfg.MODEL.DEVICE})"

@@ -30,8 +30,8 @@ def add_parser(sub: Any) -> None:
         default="retinanet",
         help="head for a student name: retinanet (default here), fcos, tal, et, dw, faster_rcnn",
     )
-    p.add_argument("--weights", help="initial weights (a checkpoint path); default: from scratch")
     common.add_dataset_args(p)
+    common.add_profile_args(p, weights_flag="--weights")
     common.add_output_args(p, default="runs/train")
     common.add_schedule_args(p)
     common.add_launch_args(p)
@@ -41,17 +41,25 @@ def add_parser(sub: Any) -> None:
 
 def build_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
     from tbd.config import load_config
-    from tbd.registry import RegistryError, dataset_key, resolve_model
+    from tbd.registry import STUDENT_DEPTHS, RegistryError, dataset_key, resolve_model
 
     try:
         spec = resolve_model(args.model, args.head, dataset_key(train))
     except RegistryError as err:
         raise UsageError(str(err)) from err
     cfg = load_config(spec.config, spec.opts)
+    if args.model in STUDENT_DEPTHS:
+        args.profile_info = common.apply_student_profile(cfg, args, train)
+    else:  # a teacher from the registry or the user's own config: used as written
+        if any(getattr(args, k, None) for k in ("profile", "input_size", "schedule", "from_scratch")):
+            raise UsageError(
+                f"--profile/--input-size/--schedule/--from-scratch apply to student names ({', '.join(STUDENT_DEPTHS)}); "
+                f"{args.model} is used as its config says (change it with KEY VALUE overrides)"
+            )
+        if args.student_weights:
+            common.check_weights_arg(args.student_weights, "--weights")
+        cfg.MODEL.WEIGHTS = args.student_weights or ""
     common.apply_common(cfg, args, train, test)
-    if args.weights and "://" not in args.weights and not Path(args.weights).is_file():
-        raise UsageError(f"--weights {args.weights} does not exist; pass a checkpoint file or a URL")
-    cfg.MODEL.WEIGHTS = args.weights or ""
     cfg.OUTPUT_DIR = str(args.output)
     return cfg
 
@@ -60,13 +68,22 @@ def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     """Runs in every process: register the data, train, evaluate; returns the final results."""
     from tbd.config import register_all
     from tbd.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+    from tbd.engine.weights import WeightsError
 
     common.quiet_warnings()  # again: a spawned worker starts with default filters
     register_all()
     common.resolve_datasets(args)
     common.setup_logging(Path(cfg.OUTPUT_DIR))
     trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False))
-    trainer.resume_or_load(resume=args.resume)
+    try:
+        trainer.resume_or_load(resume=args.resume)
+    except WeightsError as err:
+        if comm.is_main_process():
+            console.print(f"[bold red]initial weights:[/] {err}", soft_wrap=True)
+        raise SystemExit(2) from None
+    report = getattr(trainer, "initial_weights_report", None)
+    if report is not None and comm.is_main_process():
+        console.print(report.summary(), soft_wrap=True)
     try:
         trainer.train()
         results = getattr(trainer, "_last_eval_results", None) or {}
@@ -103,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_train_cfg(args, train, test)
     common.check_batch_per_process(cfg, args.num_gpus * args.num_machines)
     (out / "config.yaml").write_text(cfg.dump())
+    if getattr(args, "profile_info", None) is not None:
+        common.print_profile(cfg, args.profile_info)
     console.print(
         f"[bold]tbd train[/] {args.model} on {train} -> {out}  "
         f"({cfg.SOLVER.MAX_ITER} iterations, batch {cfg.SOLVER.IMS_PER_BATCH}, {cfg.MODEL.DEVICE})"

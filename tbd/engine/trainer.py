@@ -27,6 +27,7 @@ from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
+from torch.nn.parallel import DistributedDataParallel
 
 from tbd import compat
 from tbd.engine.checkpoint import AtomicDetectionCheckpointer
@@ -276,7 +277,19 @@ class Trainer(DefaultTrainer):
             self._trainer.load_state_dict(state["_trainer"])
 
     def resume_or_load(self, resume: bool = True) -> None:
-        super().resume_or_load(resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            super().resume_or_load(resume=True)
+        else:
+            # initial weights in any supported format, with a report; a partial fill is an error
+            from tbd.engine.weights import load_initial_weights
+
+            model = self._trainer.model
+            model = model.module if isinstance(model, DistributedDataParallel) else model
+            report = load_initial_weights(model, self.cfg.MODEL.WEIGHTS, self.cfg.TBD.ALLOW_PARTIAL_WEIGHTS)
+            if report is not None and comm.is_main_process():
+                logger.info(report.summary())
+            self.start_iter = 0
+            self.initial_weights_report = report
         if self.start_iter > 0:
             self._seek_data(self.start_iter)
 
