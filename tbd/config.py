@@ -28,6 +28,8 @@ def add_project_config(cfg: CN) -> None:
     cfg.TBD.PROGRESS_PERIOD = 20
     # a partial fill of the backbone by MODEL.WEIGHTS (tbd.engine.weights) is an error unless True
     cfg.TBD.ALLOW_PARTIAL_WEIGHTS = False
+    # distil even when the teacher would see inputs far from its training size (tbd.distill.input_check)
+    cfg.TBD.ALLOW_TEACHER_INPUT_MISMATCH = False
     # the student profile the config was made with (tbd.profiles: embedded, coco, custom; "" = none)
     cfg.TBD.PROFILE = ""
     # how the input size was chosen (e.g. "median shorter side of the training images 400 px")

@@ -125,7 +125,7 @@ def test_unknown_head(capsys, tmp_path, data_dir, checkpoints) -> None:
 def test_train_unknown_model(capsys, tmp_path, data_dir) -> None:
     code, msg = _cli(capsys, ["train", "--model", "r19", "-o", str(tmp_path / "run"), *_data_args(data_dir)])
     assert code == 2
-    assert "unknown model 'r19': not a student (r18, r34, r50), not a teacher" in msg
+    assert "unknown model 'r19': not a student (r18, r34, r50, r101), not a teacher" in msg
     assert "not a config file" in msg
 
 

@@ -45,6 +45,11 @@ def add_parser(sub: Any) -> None:
     g.add_argument(
         "--teacher-amp", choices=["", "bf16", "fp16"], help="teacher precision (DISTILL.TEACHER_AMP)"
     )
+    g.add_argument(
+        "--allow-input-mismatch",
+        action="store_true",
+        help="distil even if the teacher was trained at a very different input size (TBD.ALLOW_TEACHER_INPUT_MISMATCH)",
+    )
     g.add_argument("--no-harmony", action="store_true", help="skip the harmonious-ratio analysis at the end")
     common.add_dataset_args(p)
     common.add_profile_args(p)
@@ -203,6 +208,25 @@ def build_distill_cfg(
     return cfg
 
 
+def check_inputs(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """Say how the teacher's inputs compare with what it was trained on; refuse a gross mismatch."""
+    from tbd.distill.distiller import teacher_config
+    from tbd.distill.input_check import check_teacher_inputs
+
+    if getattr(args, "allow_input_mismatch", False):
+        cfg.TBD.ALLOW_TEACHER_INPUT_MISMATCH = True
+    check = check_teacher_inputs(cfg, teacher_config(cfg))
+    for note in check.notes:
+        console.print(f"teacher check: {note}", soft_wrap=True)
+    for warning in check.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+    if check.errors:
+        if not cfg.TBD.ALLOW_TEACHER_INPUT_MISMATCH:
+            raise UsageError(" ".join(check.errors))
+        for error in check.errors:
+            console.print(f"[yellow]warning (allowed):[/] {error}", soft_wrap=True)
+
+
 def check_pair(cfg: CfgNode) -> None:
     """Build the distiller once before training, so a bad pair fails with a clear message."""
     from tbd.distill.distiller import TBDistiller
@@ -229,29 +253,53 @@ def _run(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     return train_worker(cfg, args)
 
 
-def _teacher_results(cfg: CfgNode, args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    """COCO results of the teacher on the test set (cached beside a cached teacher) and the model."""
+def _teacher_results(
+    cfg: CfgNode, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, Any] | None, Any]:
+    """The teacher's COCO results on the test set at the student's test size (the inputs the
+    distillation used) and, when its own test size differs, at its own; plus (config, model).
+
+    Results are cached beside a teacher trained here; user files are left alone. The second
+    item is ``{"bbox": ..., "input": "800/1333 px"}`` or ``None``.
+    """
     from detectron2.modeling import build_model
 
     from tbd.distill.distiller import load_teacher_weights, teacher_config
     from tbd.engine.trainer import Trainer
 
-    t_cfg = teacher_config(cfg)
-    t_cfg.DATASETS.TEST = cfg.DATASETS.TEST
-    model = build_model(t_cfg)
+    own_cfg = teacher_config(cfg)
+    own_cfg.DATASETS.TEST = cfg.DATASETS.TEST
+    model = build_model(own_cfg)
     load_teacher_weights(model, cfg.DISTILL.TEACHER_WEIGHTS)
     model.eval()
+    t_cfg = own_cfg.clone()
+    t_cfg.INPUT.MIN_SIZE_TEST, t_cfg.INPUT.MAX_SIZE_TEST = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
     weights = Path(cfg.DISTILL.TEACHER_WEIGHTS).resolve()
-    # a teacher trained here gets its evaluation cached beside it; user files are left alone
     ours = cache_root(args).resolve() in weights.parents
-    cache = weights.with_name(f"eval_{cfg.DATASETS.TEST[0]}.json") if ours else None
-    if cache is not None and cache.is_file():
-        return json.loads(cache.read_text()), (t_cfg, model)
-    t_cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR) / "teacher_eval")
-    results = dict(Trainer.test(t_cfg, model))
-    if cache is not None:
-        cache.write_text(json.dumps(results))
-    return results, (t_cfg, model)
+
+    def evaluate(c: CfgNode, tag: str) -> dict[str, Any]:
+        name = f"eval_{cfg.DATASETS.TEST[0]}_{c.INPUT.MIN_SIZE_TEST}x{c.INPUT.MAX_SIZE_TEST}.json"
+        cache = weights.with_name(name) if ours else None
+        if cache is not None and cache.is_file():
+            return json.loads(cache.read_text())
+        c.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR) / tag)
+        results = dict(Trainer.test(c, model))
+        if cache is not None:
+            cache.write_text(json.dumps(results))
+        return results
+
+    at_student = evaluate(t_cfg, "teacher_eval")
+    same = (own_cfg.INPUT.MIN_SIZE_TEST, own_cfg.INPUT.MAX_SIZE_TEST) == (
+        t_cfg.INPUT.MIN_SIZE_TEST,
+        t_cfg.INPUT.MAX_SIZE_TEST,
+    )
+    at_own = None
+    if not same:
+        at_own = {
+            "bbox": evaluate(own_cfg, "teacher_eval_own_size").get("bbox", {}),
+            "input": f"{own_cfg.INPUT.MIN_SIZE_TEST}/{own_cfg.INPUT.MAX_SIZE_TEST} px",
+        }
+    return at_student, at_own, (t_cfg, model)
 
 
 def _harmony(cfg: CfgNode, model: Any) -> dict[str, Any] | None:
@@ -269,11 +317,14 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
 
     from tbd.export import load_student_state, student_cfg
 
-    teacher_results, (t_cfg, teacher) = _teacher_results(cfg, args)
+    teacher_results, teacher_own, (t_cfg, teacher) = _teacher_results(cfg, args)
+    size = f"{cfg.INPUT.MIN_SIZE_TEST}/{cfg.INPUT.MAX_SIZE_TEST} px"
     rows: dict[str, dict[str, Any]] = {
-        "teacher": {"bbox": teacher_results.get("bbox", {})},
-        "student": {"bbox": student_results.get("bbox", {})},
+        "teacher": {"bbox": teacher_results.get("bbox", {}), "input": size},
+        "student": {"bbox": student_results.get("bbox", {}), "input": size},
     }
+    if teacher_own is not None:
+        rows["teacher_own_input"] = teacher_own
     if not args.no_harmony:
         rows["teacher"]["harmony"] = _harmony(t_cfg, teacher)
         final = Path(cfg.OUTPUT_DIR) / "model_final.pth"
@@ -288,6 +339,7 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         title=f"tbd distill: {args.teacher} -> {args.student} ({args.head}) on {cfg.DATASETS.TEST[0]}"
     )
     table.add_column("model")
+    table.add_column("test input")
     for col in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         table.add_column(col, justify="right")
     table.add_column("harmonious share", justify="right")
@@ -297,8 +349,10 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         h = row.get("harmony") or {}
         share = h.get("harmonious_share")
         mean_hs = h.get("mean_hs_easy", h.get("mean_hs"))
+        label = {"teacher_own_input": "teacher (own input)"}.get(name, name)
         table.add_row(
-            name,
+            label,
+            row["input"],
             *(f"{bbox.get(k, float('nan')):.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")),
             "-" if share is None else f"{100 * share:.1f}%",
             "-" if mean_hs is None else f"{mean_hs:.3f}",
@@ -312,7 +366,17 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         )
     summary = {
         "teacher": {"name": args.teacher, "config": cfg.DISTILL.TEACHER_CONFIG, **rows["teacher"]},
+        "teacher_own_input": rows.get("teacher_own_input"),
         "student": {"name": args.student, "head": args.head, **rows["student"]},
+        "profile": {
+            "name": cfg.TBD.PROFILE,
+            "input_size_rule": cfg.TBD.INPUT_SIZE_RULE,
+            "min_size_train": list(cfg.INPUT.MIN_SIZE_TRAIN),
+            "max_size_train": cfg.INPUT.MAX_SIZE_TRAIN,
+            "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+            "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+            "weights": cfg.MODEL.WEIGHTS,
+        },
         "dataset": {"train": cfg.DATASETS.TRAIN[0], "test": cfg.DATASETS.TEST[0]},
         "iterations": cfg.SOLVER.MAX_ITER,
         "distill": {
@@ -337,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
     common.check_batch_per_process(student, args.num_gpus * args.num_machines)
     teacher_config, teacher_weights = resolve_teacher(args, train, test)
     cfg = build_distill_cfg(args, train, test, teacher_config, teacher_weights, student=student)
+    check_inputs(cfg, args)
     check_pair(cfg)
     (out / "config.yaml").write_text(cfg.dump())
     if getattr(args, "profile_info", None) is not None:
