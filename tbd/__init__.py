@@ -10,6 +10,18 @@ __version__ = "0.1.0"
 
 compat.apply()
 
+
+def _register_weight_names() -> None:
+    # MODEL.WEIGHTS: torchvision://resnet50 in any Detectron2 checkpointer (tbd.engine.weights)
+    try:
+        from tbd.engine.weights import register_torchvision_scheme
+    except ImportError:  # no Detectron2 in this environment: nothing to register with
+        return
+    register_torchvision_scheme()
+
+
+_register_weight_names()
+
 _LAZY = {
     "add_tbd_config": ("tbd.distill.config", "add_tbd_config"),
     "get_cfg": ("tbd.config", "get_cfg"),

@@ -128,3 +128,19 @@ def test_text_file_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text("not a checkpoint")
     with pytest.raises(WeightsError, match="cannot be read"):
         load_initial_weights(_student(18), str(path))
+
+
+def test_plain_detectron2_checkpointer_reads_torchvision_names(tmp_path: Path, monkeypatch) -> None:
+    """A DefaultTrainer config with MODEL.WEIGHTS torchvision://resnet18 works after `import tbd`."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    target = torchvision_cache_file("torchvision://resnet18")
+    target.parent.mkdir(parents=True)
+    net = _random_torchvision(18, seed=5)
+    torch.save(net.state_dict(), target)
+    model = _student(18)
+    DetectionCheckpointer(model).load("torchvision://resnet18")
+    bottom_up = model.backbone.bottom_up
+    torch.testing.assert_close(bottom_up.res4[1].conv2.weight, net.layer3[1].conv2.weight)
+    torch.testing.assert_close(bottom_up.res2[0].conv1.norm.running_var, net.layer1[0].bn1.running_var)

@@ -373,3 +373,49 @@ def pixel_family(spec: str) -> str | None:
 def pixel_convention(family: str | None) -> dict[str, Any]:
     """The config values (dotted keys) a backbone initialised from ``family`` weights needs."""
     return {"torchvision": dict(TORCHVISION_PIXELS), "msra": dict(MSRA_PIXELS)}.get(family or "", {})
+
+
+# --------------------------------------------------------------------------- plain Detectron2
+_converted_dir_name = "detectron2"
+
+
+def converted_weights_file(spec: str) -> Path:
+    """``torchvision://NAME`` as a Detectron2 ``.pkl`` (bottom-up names, matching heuristics on).
+
+    Written once beside torchvision's own file; this is what Detectron2's ``DetectionCheckpointer``
+    reads when a plain ``DefaultTrainer`` config says ``MODEL.WEIGHTS: torchvision://resnet50``.
+    """
+    source = torchvision_cache_file(spec)
+    target = source.parent / _converted_dir_name / f"{source.stem}.pkl"
+    if target.is_file():
+        return target
+    state, kind = read_weights(spec)
+    if kind not in BACKBONE_CONVERTERS:
+        raise WeightsError(f"{spec}: no conversion to Detectron2 names for a {kind} state dict")
+    converted = BACKBONE_CONVERTERS[kind](state)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        payload = {k: v.numpy() for k, v in converted.items()}
+        pickle.dump({"model": payload, "__author__": "torchvision", "matching_heuristics": True}, f)
+    os.replace(tmp, target)
+    return target
+
+
+def register_torchvision_scheme() -> None:
+    """Let Detectron2's ``PathManager`` (hence ``DetectionCheckpointer``) open ``torchvision://``."""
+    from detectron2.utils.file_io import PathManager
+    from iopath.common.file_io import PathHandler
+
+    class _TorchvisionHandler(PathHandler):
+        def _get_supported_prefixes(self) -> list[str]:
+            return [TORCHVISION_SCHEME]
+
+        def _get_local_path(self, path: str, **kwargs: Any) -> str:
+            return str(converted_weights_file(path))
+
+        def _open(self, path: str, mode: str = "r", **kwargs: Any) -> Any:
+            return open(self._get_local_path(path), mode)
+
+    if TORCHVISION_SCHEME not in getattr(PathManager, "_path_handlers", {}):
+        PathManager.register_handler(_TorchvisionHandler())
