@@ -186,7 +186,7 @@ def test_teacher_input_format_cannot_be_converted(capsys, tmp_path, data_dir, ch
         capsys, tmp_path, data_dir, "--student", "r18", "--head", "retinanet", teacher=teacher
     )
     assert code == 2
-    assert "teacher input format 'L' and student input format 'BGR' cannot be converted" in msg
+    assert "the teacher reads L images and the student's data is BGR" in msg
     _assert_nothing_started(tmp_path / "run")
 
 

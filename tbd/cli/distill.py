@@ -96,7 +96,14 @@ def resolve_teacher(args: argparse.Namespace, train: str, test: str) -> tuple[Pa
     try:
         spec, entry = teacher_spec(args.teacher, dataset_key(train))
     except RegistryError as err:
-        raise UsageError(str(err)) from err
+        hint = ""
+        if dataset_key(train).startswith("user_"):
+            hint = (
+                ". For your own data, train a teacher on it first, e.g. `tbd train --model r101 --head "
+                "retinanet --train-json ... --output runs/teacher`, then pass --teacher-config "
+                "runs/teacher/config.yaml --teacher-weights runs/teacher/model_final.pth"
+            )
+        raise UsageError(f"{err}{hint}") from err
     if args.teacher_weights:
         return spec.config, _local_weights(args.teacher_weights)
     if not entry.trains_here:
