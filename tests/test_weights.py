@@ -120,7 +120,9 @@ def test_detectron2_checkpoint_skips_other_class_count_but_fills_backbone(tmp_pa
     report = load_initial_weights(target, str(path))
     assert report is not None and report.complete
     assert len(report.other_shape) == 2
-    torch.testing.assert_close(target.backbone.bottom_up.res5[0].conv1.weight, source.backbone.bottom_up.res5[0].conv1.weight)
+    torch.testing.assert_close(
+        target.backbone.bottom_up.res5[0].conv1.weight, source.backbone.bottom_up.res5[0].conv1.weight
+    )
 
 
 def test_text_file_is_a_clear_error(tmp_path: Path) -> None:
