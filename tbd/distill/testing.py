@@ -11,6 +11,9 @@ from typing import Any, Sequence
 import torch
 from detectron2.config import CfgNode
 from detectron2.structures import Boxes, Instances
+from torch import Tensor
+
+from tbd.ops.boxes import pairwise_iou
 
 #: one colour per class (BGR, 0-255)
 _PALETTE = torch.tensor(
@@ -52,6 +55,20 @@ def synthetic_batch(
         inst.gt_classes = classes
         out.append({"image": image, "instances": inst, "height": size, "width": size})
     return out
+
+
+def dense_regression_probability(boxes: Tensor, gt_boxes: Tensor, gt_mask: Tensor) -> Tensor:
+    """The former p_r: the whole ``[B, H W A, G]`` IoU tensor, then the max over GTs and anchors.
+
+    The yardstick of :func:`tbd.distill.task_probs.regression_probability` (same value, same
+    gradient, ``O(B H W A G)`` memory kept for the backward). Tests and benchmarks only.
+    """
+    b, h, w, a, _ = boxes.shape
+    if gt_boxes.shape[1] == 0:
+        return boxes.new_zeros((b, h, w))
+    iou = pairwise_iou(boxes.reshape(b, h * w * a, 4), gt_boxes.to(boxes.dtype))  # [B, HWA, G]
+    iou = iou.masked_fill(~gt_mask[:, None, :], 0.0)
+    return iou.amax(dim=-1).view(b, h, w, a).amax(dim=-1)
 
 
 def distill_config(
