@@ -84,6 +84,38 @@ def points_in_boxes(points: Tensor, boxes: Tensor, eps: float = 1e-9) -> Tensor:
     return deltas.min(dim=-1).values > eps
 
 
+def boxes_contain_points(boxes: Tensor, points: Tensor, eps: float = 1e-9) -> Tensor:
+    """``[..., G, P]`` mask: point ``p`` lies strictly inside box ``g`` (GT-major layout).
+
+    The same test as :func:`points_in_boxes` (every side distance ``> eps``), without its
+    ``[..., P, G, 4]`` float intermediate: four boolean comparisons, one byte per pair.
+    ``boxes [..., G, 4]``, ``points [P, 2]``.
+    """
+    x, y = points[:, 0], points[:, 1]
+    inside = (x - boxes[..., :, 0, None]) > eps
+    inside &= (y - boxes[..., :, 1, None]) > eps
+    inside &= (boxes[..., :, 2, None] - x) > eps
+    inside &= (boxes[..., :, 3, None] - y) > eps
+    return inside
+
+
+def segment_topk(values: Tensor, segment: Tensor, num_segments: int, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest ``values [N]`` of each segment (``segment [N]`` in ``[0, num_segments)``).
+
+    Returns ``(selected, rank)``: positions into ``values`` of the kept entries, and their rank
+    in their segment (0 = largest). Ties keep the order of the input (stable). Two stable sorts,
+    no loop over segments: this is the sparse form of ``topk`` over rows of unequal lengths.
+    """
+    order = torch.argsort(values, descending=True, stable=True)
+    order = order[torch.argsort(segment[order], stable=True)]
+    seg_sorted = segment[order]
+    counts = torch.bincount(segment, minlength=num_segments)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=values.device) - starts[seg_sorted]
+    keep = rank < k
+    return order[keep], rank[keep]
+
+
 def box_centers(boxes: Tensor) -> Tensor:
     return (boxes[..., :2] + boxes[..., 2:]) * 0.5
 
