@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tbd.ops.boxes import aligned_iou, pairwise_iou
+from tbd.ops.boxes import aligned_iou, best_iou_match
 
 from .config import PC_MODES
 
@@ -45,31 +45,6 @@ def classification_probability(logits: Tensor, mode: str = "sigmoid") -> Tensor:
 PR_MAX_CHUNK_ELEMENTS = 2**22
 
 
-@torch.no_grad()
-def best_gt_index(
-    boxes: Tensor, gt_boxes: Tensor, gt_mask: Tensor, max_chunk_elements: int = PR_MAX_CHUNK_ELEMENTS
-) -> Tensor:
-    """Index of the real GT with the highest IoU for each box: ``boxes [B, N, 4]`` -> ``[B, N]``.
-
-    No gradient; the ``[B, N, G]`` IoUs are computed in blocks of GTs holding at most
-    ``max_chunk_elements`` pairs, so memory is ``O(B N)`` whatever ``G``. Ties go to the lowest
-    index (like ``argmax``); padded GTs are never chosen unless an image has no real GT.
-    """
-    b, n, _ = boxes.shape
-    g = gt_boxes.shape[1]
-    step = max(1, min(g, max_chunk_elements // max(1, b * n)))
-    best = torch.full((b, n), -1.0, device=boxes.device, dtype=boxes.dtype)
-    index = torch.zeros((b, n), device=boxes.device, dtype=torch.long)
-    for g0 in range(0, g, step):  # blocks of GTs: bounded memory, not a per-GT loop
-        iou = pairwise_iou(boxes, gt_boxes[:, g0 : g0 + step])  # [B, N, g]
-        iou.masked_fill_(~gt_mask[:, None, g0 : g0 + step], -1.0)
-        val, idx = iou.max(dim=-1)
-        better = val > best  # strictly: an earlier block keeps its ties
-        best = torch.where(better, val, best)
-        index = torch.where(better, idx + g0, index)
-    return index
-
-
 def regression_probability(
     boxes: Tensor, gt_boxes: Tensor, gt_mask: Tensor, max_chunk_elements: int = PR_MAX_CHUNK_ELEMENTS
 ) -> Tensor:
@@ -79,7 +54,7 @@ def regression_probability(
     padding). An image without GT gets 0 everywhere. Differentiable in ``boxes``.
 
     Memory is ``O(B H W A)``: the best GT of each box is found without gradient
-    (:func:`best_gt_index`, in blocks of GTs), and the differentiable IoU is computed once per box,
+    (:func:`tbd.ops.boxes.best_iou_match`, in blocks of GTs), and the differentiable IoU is computed once per box,
     with that GT. The max over GTs passes its gradient to its argmax only, so value and gradient
     are those of the dense ``max_g IoU(box, g)`` (:func:`tbd.distill.testing.dense_regression_probability`).
     """
@@ -88,7 +63,7 @@ def regression_probability(
         return boxes.new_zeros((b, h, w))
     flat = boxes.reshape(b, h * w * a, 4)
     gt_boxes = gt_boxes.to(boxes.dtype)
-    index = best_gt_index(flat.detach(), gt_boxes, gt_mask, max_chunk_elements)  # [B, HWA]
+    _, index = best_iou_match(flat.detach(), gt_boxes, gt_mask, max_chunk_elements=max_chunk_elements)
     matched = gt_boxes.gather(1, index[..., None].expand(-1, -1, 4))  # [B, HWA, 4]
     iou = aligned_iou(flat, matched)
     iou = torch.where(gt_mask.any(dim=1, keepdim=True), iou, torch.zeros_like(iou))

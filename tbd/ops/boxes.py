@@ -6,6 +6,7 @@ dimensions, so a whole batch (images x GTs x points) is handled without Python l
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -33,6 +34,41 @@ def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
     inter = wh[..., 0] * wh[..., 1]
     union = area_a + area_b - inter
     return inter / union.clamp(min=_EPS)
+
+
+@torch.no_grad()
+def best_iou_match(
+    boxes: Tensor,
+    gt_boxes: Tensor,
+    gt_valid: Tensor | None = None,
+    box_classes: Tensor | None = None,
+    gt_classes: Tensor | None = None,
+    max_chunk_elements: int = 2**22,
+) -> tuple[Tensor, Tensor]:
+    """Highest IoU of each box ``[..., N, 4]`` over ``gt_boxes [..., G, 4]``, and the GT's index.
+
+    No gradient. Pairs with ``gt_valid [..., G]`` False, or (when both are given) with
+    ``box_classes [..., N] != gt_classes [..., G]``, do not count. The ``[..., N, G]`` IoUs are
+    computed in blocks of GTs holding at most ``max_chunk_elements`` pairs, so memory is
+    ``O(N)`` per image whatever ``G``. Returns ``(iou [..., N], index [..., N])``; ties go to the
+    lowest index; a box without any valid GT gets IoU ``-1`` and index 0.
+    """
+    n, g = boxes.shape[-2], gt_boxes.shape[-2]
+    lead = math.prod(boxes.shape[:-2])
+    step = max(1, min(g, max_chunk_elements // max(1, lead * n)))
+    best = torch.full(boxes.shape[:-1], -1.0, device=boxes.device, dtype=boxes.dtype)
+    index = torch.zeros(boxes.shape[:-1], device=boxes.device, dtype=torch.long)
+    for g0 in range(0, g, step):  # blocks of GTs: bounded memory, not a per-GT loop
+        iou = pairwise_iou(boxes, gt_boxes[..., g0 : g0 + step, :])  # [..., N, g]
+        if gt_valid is not None:
+            iou.masked_fill_(~gt_valid[..., None, g0 : g0 + step], -1.0)
+        if box_classes is not None and gt_classes is not None:
+            iou.masked_fill_(box_classes[..., :, None] != gt_classes[..., None, g0 : g0 + step], -1.0)
+        val, idx = iou.max(dim=-1)
+        better = val > best  # strictly: an earlier block keeps its ties
+        best = torch.where(better, val, best)
+        index = torch.where(better, idx + g0, index)
+    return best, index
 
 
 def aligned_iou(a: Tensor, b: Tensor) -> Tensor:
