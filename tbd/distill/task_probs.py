@@ -41,8 +41,8 @@ def classification_probability(logits: Tensor, mode: str = "sigmoid") -> Tensor:
 
 
 #: default bound on the elements of one no-grad ``[B, anchors, GT chunk]`` IoU block of p_r
-#: (2**22 floats = 16 MiB per intermediate)
-PR_MAX_CHUNK_ELEMENTS = 2**22
+#: (2**20 pairs: ~4 MiB per intermediate, ~50 MiB for the whole IoU computation)
+PR_MAX_CHUNK_ELEMENTS = 2**20
 
 
 def regression_probability(
