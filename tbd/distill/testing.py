@@ -33,27 +33,31 @@ _PALETTE = torch.tensor(
 
 def synthetic_batch(
     batch_size: int = 2,
-    size: int = 64,
+    size: int | tuple[int, int] = 64,
     boxes_per_image: int | Sequence[int] = 2,
     num_classes: int = 8,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """``batch_size`` images of ``size x size`` with ``boxes_per_image`` rectangles each (0 allowed)."""
+    """``batch_size`` images of ``size x size`` (or ``(height, width)``) with ``boxes_per_image``
+    rectangles each (0 allowed). Sides are 20-60 % of the image's, scaled by ``sqrt(10 / n)``
+    beyond 10 boxes (a crowd of smaller objects)."""
     g = torch.Generator().manual_seed(seed)
     counts = [boxes_per_image] * batch_size if isinstance(boxes_per_image, int) else list(boxes_per_image)
+    height, width = (size, size) if isinstance(size, int) else size
+    dims = torch.tensor([float(width), float(height)])
     out = []
     for n in counts:
-        image = torch.rand(3, size, size, generator=g) * 60.0
-        wh = size * (0.2 + 0.4 * torch.rand(n, 2, generator=g))
-        xy = (size - wh) * torch.rand(n, 2, generator=g)
+        image = torch.rand(3, height, width, generator=g) * 60.0
+        wh = dims * (0.2 + 0.4 * torch.rand(n, 2, generator=g)) * min(1.0, (10 / max(n, 1)) ** 0.5)
+        xy = (dims - wh) * torch.rand(n, 2, generator=g)
         boxes = torch.cat([xy, xy + wh], dim=1).round()
         classes = torch.randint(0, num_classes, (n,), generator=g)
         for box, cls in zip(boxes.long().tolist(), classes.tolist()):  # painting pixels, test data only
             image[:, box[1] : box[3], box[0] : box[2]] = _PALETTE[cls % len(_PALETTE)].view(3, 1, 1)
-        inst = Instances((size, size))
+        inst = Instances((height, width))
         inst.gt_boxes = Boxes(boxes)
         inst.gt_classes = classes
-        out.append({"image": image, "instances": inst, "height": size, "width": size})
+        out.append({"image": image, "instances": inst, "height": height, "width": width})
     return out
 
 
