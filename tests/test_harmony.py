@@ -260,3 +260,16 @@ def test_best_iou_match_in_gt_blocks_equals_the_dense_max(class_agnostic: bool) 
         best, index = best_iou_match(boxes, gt, None, *labels, max_chunk_elements=chunk)
         assert torch.equal(best, dense.amax(dim=1)) and torch.equal(index, dense.argmax(dim=1))
     assert torch.equal(best_match_iou(boxes, classes, gt, gt_classes, class_agnostic), dense.amax(dim=1))
+
+
+def test_pairwise_iou_nograd_is_bitwise_the_autograd_form() -> None:
+    from tbd.ops.boxes import pairwise_iou, pairwise_iou_nograd
+
+    gen = torch.Generator().manual_seed(5)
+    xy = torch.rand(2, 300, 2, generator=gen) * 100
+    boxes = torch.cat([xy, xy + torch.rand(2, 300, 2, generator=gen) * 40], -1)
+    boxes[0, 0] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # degenerate
+    gxy = torch.rand(2, 17, 2, generator=gen) * 100
+    gt = torch.cat([gxy, gxy + torch.rand(2, 17, 2, generator=gen) * 40], -1)
+    assert torch.equal(pairwise_iou_nograd(boxes, gt), pairwise_iou(boxes, gt))
+    assert torch.equal(pairwise_iou_nograd(boxes[0], gt[0]), pairwise_iou(boxes[0], gt[0]))

