@@ -12,7 +12,9 @@ tensors are leaves that require grad, as after the student's forward):
 ``chunked`` is tbd's p_r (best GT without grad in bounded blocks, one differentiable IoU per box);
 ``dense`` is the former form (:func:`tbd.distill.testing.dense_regression_probability`, the whole
 ``[B, H W A, G]`` IoU tensor kept for the backward), run up to ``--dense-max-gts``. Each case runs
-in a fresh process; peak = growth of the process's max RSS above the inputs.
+in a fresh process; peak = growth of the process's peak RSS over forward + backward, above its RSS
+once the inputs are built (the kernel's high-water mark is reset there, so the inputs' own
+temporaries do not hide it; ``fresh_process.reset_peak_rss``).
 
     .venv/bin/python scripts/bench_task_probs.py --gts 10 100 500 5000 --json /tmp/task_probs.json
 """
@@ -24,13 +26,12 @@ import json
 import platform
 from pathlib import Path
 
-from fresh_process import run_case  # scripts/ is on sys.path when a script runs
+from fresh_process import peak_rss_mib, reset_peak_rss, run_case  # scripts/ is on sys.path
 
 STRIDES = [8, 16, 32, 64, 128]
 
 
 def _case(impl: str, part: str, num_gts: int, batch: int, height: int, width: int, threads: int = 1) -> dict:
-    import resource
     import time
 
     import torch
@@ -74,7 +75,7 @@ def _case(impl: str, part: str, num_gts: int, batch: int, height: int, width: in
             for lv in levels
         ]
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = reset_peak_rss()
     t0 = time.perf_counter()
     if part == "pr":
         loss = sum(p_r(lv["boxes"], gt_boxes, gt_mask).sum() for lv in student)
@@ -89,7 +90,7 @@ def _case(impl: str, part: str, num_gts: int, batch: int, height: int, width: in
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    peak = peak_rss_mib() - before
     return {
         "impl": impl,
         "part": part,
@@ -98,8 +99,8 @@ def _case(impl: str, part: str, num_gts: int, batch: int, height: int, width: in
         "anchors_per_image": sum(lv["boxes"][0].numel() // 4 for lv in student),
         "fwd_s": t1 - t0,
         "bwd_s": t2 - t1,
-        "peak_mib": peak / 1024,
-        "loss": float(loss),
+        "peak_mib": peak,
+        "loss": float(loss.detach()),
     }
 
 
@@ -148,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             print(line, flush=True)
     print(
         f"{args.height}x{args.width}, batch {args.batch}, A = 9, 80 classes, strides {STRIDES}, "
-        f"{rows[0]['chunked']['anchors_per_image']} anchors/image, {args.threads} thread(s); MiB = max-RSS growth "
-        "over forward + backward in a fresh process; x mem = dense / tbd"
+        f"{rows[0]['chunked']['anchors_per_image']} anchors/image, {args.threads} thread(s); MiB = peak-RSS growth "
+        "over forward + backward above the built inputs, fresh process per case; x mem = dense / tbd"
     )
     if args.json:
         import torch
