@@ -1,17 +1,19 @@
 #!/usr/bin/env python
-"""Benchmark: DW's dual weights (positive and negative) over a batch, vs GT count and pyramid size.
+"""Benchmark: the DW loss on candidate pairs vs its dense ``[B, P, G]`` form, vs GT count and pyramid.
 
-Timed unit (``weights``): everything ``DWLoss`` computes without gradient to weigh its terms, on a
-padded ``[B, P, G]`` batch: candidate set, centre prior, pairwise GIoU/IoU of the decoded boxes,
-``p_pos``, ``w_pos``, pairwise and per-class ``P_neg`` and ``w_neg`` (:mod:`tbd.modeling.dw_weights`).
-For scale it also times the whole ``DWLoss`` forward (``loss``, which adds the three weighted terms
-and keeps the graph) and its backward (``bwd``).
+``sparse`` is :class:`tbd.modeling.dw_loss.DWLoss` (what training runs: only the (point, GT) pairs
+with the point inside the GT carry a pairwise quantity); ``dense`` is
+:func:`tbd.modeling.dw_reference.dense_dw_loss` (the former implementation: every pairwise quantity
+as a ``[B, P, G]`` tensor). Both compute the same three terms (the dual weights -- candidate set,
+centre prior, GIoU/IoU, p_pos, w_pos, P_neg, w_neg -- and the weighted losses); the table prints
+the forward (weights + losses) and backward times, the peak memory of forward + backward, and the
+largest relative difference of the three terms between the two.
 
-Each (GT count, pyramid) case runs in a fresh subprocess so its peak memory is its own: peak =
-growth of the process's max RSS over the inputs (the high-water mark of what the step allocates).
-Time = median of ``--reps`` repetitions.
+Each (implementation, GT count, pyramid) case runs in a fresh subprocess so its peak memory is its
+own: peak = growth of the process's max RSS over the inputs. Time = median of ``--reps``.
 
-    .venv/bin/python scripts/bench_dw_weights.py --reps 3 --json /tmp/dw_bench.json
+    .venv/bin/python scripts/bench_dw_weights.py --pyramids 800x1333 --gts 10 100 500 5000 \
+        --batch 2 --reps 1 --json /tmp/dw_bench.json
 """
 
 from __future__ import annotations
@@ -28,25 +30,18 @@ STRIDES = [8, 16, 32, 64, 128]
 NUM_CLASSES = 80
 
 
-def _case(num_gts: int, pyramid: str, reps: int, batch: int, threads: int = 1) -> dict:
+def _case(impl: str, num_gts: int, pyramid: str, reps: int, batch: int, threads: int = 1) -> dict:
     import resource
     import time
 
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(threads)
 
     import tbd  # noqa: F401  (compat shims)
     from tbd.modeling.dw_loss import DWLoss, DWLossConfig
-    from tbd.modeling.dw_weights import (
-        center_prior,
-        class_negative_probability,
-        negative_probability,
-        negative_weights,
-        positive_weights,
-    )
-    from tbd.ops.boxes import aligned_iou, giou_loss, grid_points, ltrb_decode, pad_boxes, points_in_boxes
+    from tbd.modeling.dw_reference import dense_dw_loss
+    from tbd.ops.boxes import grid_points, pad_boxes
 
     torch.manual_seed(0)
     h, w = PYRAMIDS[pyramid]
@@ -66,99 +61,88 @@ def _case(num_gts: int, pyramid: str, reps: int, batch: int, threads: int = 1) -
         labels.append(torch.randint(0, NUM_CLASSES, (num_gts,)))
     gt_boxes, gt_labels, gt_mask = pad_boxes(boxes, labels)
     cfg = DWLossConfig(num_classes=NUM_CLASSES)
-
-    @torch.no_grad()
-    def weights() -> tuple[torch.Tensor, torch.Tensor]:
-        b, p, _ = logits.shape
-        g = gt_boxes.shape[1]
-        cand = points_in_boxes(points, gt_boxes) & gt_mask[:, None, :]
-        prior = center_prior(points, strides, gt_boxes, cand, cfg.prior_sigma)
-        pred = ltrb_decode(points, ltrb)[:, :, None, :]
-        tgt = gt_boxes[:, None, :, :]
-        reg = giou_loss(pred, tgt)
-        ious = aligned_iou(pred, tgt) * cand
-        log_s = F.logsigmoid(logits) + F.logsigmoid(ctr)[..., None]
-        log_s_gt = log_s.gather(2, gt_labels.clamp(min=0)[:, None, :].expand(b, p, g))
-        p_pos = log_s_gt.exp() * torch.exp(-cfg.loc_exponent * reg)
-        w_pos = positive_weights(p_pos, prior, cfg.pos_mu, cfg.pos_mu_norm)
-        p_neg = class_negative_probability(
-            negative_probability(ious, cand, cfg.neg_iou_low, cfg.neg_power), gt_labels, NUM_CLASSES
-        )
-        return w_pos, negative_weights(p_neg, log_s.exp(), cfg.neg_gamma)
-
-    loss_fn = DWLoss(cfg)
+    sparse = DWLoss(cfg)
 
     def loss() -> dict:
-        return loss_fn(logits, ltrb, ctr, points, strides, gt_boxes, gt_labels, gt_mask)
-
-    def median(fn) -> float:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+        args = (logits, ltrb, ctr, points, strides, gt_boxes, gt_labels, gt_mask)
+        return sparse(*args) if impl == "sparse" else dense_dw_loss(cfg, *args)
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    w_pos, w_neg = weights()
-    t_weights = median(weights)
-    peak_weights = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    t_loss = median(loss)
-
-    def backward() -> None:
-        out = loss()
+    fwd, bwd = [], []
+    for _ in range(reps):
         logits.grad = ltrb.grad = ctr.grad = None
         t0 = time.perf_counter()
+        out = loss()
+        t1 = time.perf_counter()
         sum(out.values()).backward()
-        bwd.append(time.perf_counter() - t0)
-
-    bwd: list[float] = []
-    for _ in range(reps):
-        backward()
-    peak_all = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     return {
+        "impl": impl,
         "gts": num_gts,
         "pyramid": pyramid,
         "points": a,
         "batch": batch,
-        "weights_s": t_weights,
-        "loss_fwd_s": t_loss,
+        "loss_fwd_s": sorted(fwd)[len(fwd) // 2],
         "loss_bwd_s": sorted(bwd)[len(bwd) // 2],
-        "peak_weights_mib": peak_weights / 1024,
-        "peak_loss_mib": peak_all / 1024,
-        "pos_weight_sum_per_gt": float(w_pos.sum() / gt_mask.sum()),
-        "neg_weight_mean": float(w_neg.mean()),
+        "peak_mib": peak / 1024,
+        "losses": {k: float(v) for k, v in out.items()},
+        "candidates_per_image": sparse.last_stats["num_candidates"] if impl == "sparse" else None,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gts", type=int, nargs="+", default=[10, 100, 500])
+    p.add_argument("--gts", type=int, nargs="+", default=[10, 100, 500, 5000])
     p.add_argument("--pyramids", nargs="+", default=list(PYRAMIDS), choices=list(PYRAMIDS))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--batch", type=int, default=1, help="images per batch")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument(
+        "--dense-max-pairs", type=int, default=25_000_000, help="skip the dense form above B x P x G pairs"
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
     header = (
-        f"| {'pyramid':>9} | {'points':>6} | {'GTs':>4} | {'weights ms':>10} | {'loss fwd ms':>11} "
-        f"| {'loss bwd ms':>11} | {'weights MiB':>11} | {'fwd+bwd MiB':>11} | {'Σw_pos/GT':>9} |"
+        f"| {'pyramid':>9} | {'points':>6} | {'GTs':>5} | {'cand./img':>9} | {'sparse fwd ms':>13} "
+        f"| {'sparse bwd ms':>13} | {'sparse MiB':>10} | {'dense fwd ms':>12} | {'dense bwd ms':>12} "
+        f"| {'dense MiB':>9} | {'x time':>6} | {'x mem':>6} | {'max rel diff':>12} |"
     )
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     rows = []
     for pyramid in args.pyramids:
         for g in args.gts:
-            r = run_case("bench_dw_weights", "_case", g, pyramid, args.reps, args.batch, args.threads)
-            rows.append(r)
-            print(
-                f"| {pyramid:>9} | {r['points']:>6} | {g:>4} | {1e3 * r['weights_s']:>10.1f} "
-                f"| {1e3 * r['loss_fwd_s']:>11.1f} | {1e3 * r['loss_bwd_s']:>11.1f} "
-                f"| {r['peak_weights_mib']:>11.1f} | {r['peak_loss_mib']:>11.1f} "
-                f"| {r['pos_weight_sum_per_gt']:>9.3f} |",
-                flush=True,
+            sp = run_case(
+                "bench_dw_weights", "_case", "sparse", g, pyramid, args.reps, args.batch, args.threads
             )
+            de = None
+            if args.batch * sp["points"] * g <= args.dense_max_pairs:
+                de = run_case(
+                    "bench_dw_weights", "_case", "dense", g, pyramid, args.reps, args.batch, args.threads
+                )
+            rows.append({"sparse": sp, "dense": de})
+            line = (
+                f"| {pyramid:>9} | {sp['points']:>6} | {g:>5} | {sp['candidates_per_image']:>9.0f} "
+                f"| {1e3 * sp['loss_fwd_s']:>13.1f} | {1e3 * sp['loss_bwd_s']:>13.1f} | {sp['peak_mib']:>10.1f} "
+            )
+            if de is None:
+                line += f"| {'skipped':>12} | {'-':>12} | {'-':>9} | {'-':>6} | {'-':>6} | {'-':>12} |"
+            else:
+                t_sp = sp["loss_fwd_s"] + sp["loss_bwd_s"]
+                t_de = de["loss_fwd_s"] + de["loss_bwd_s"]
+                diff = max(
+                    abs(sp["losses"][k] - de["losses"][k]) / max(abs(de["losses"][k]), 1e-12)
+                    for k in de["losses"]
+                )
+                line += (
+                    f"| {1e3 * de['loss_fwd_s']:>12.1f} | {1e3 * de['loss_bwd_s']:>12.1f} | {de['peak_mib']:>9.1f} "
+                    f"| {t_de / t_sp:>5.1f}x | {de['peak_mib'] / max(sp['peak_mib'], 0.1):>5.1f}x | {diff:>12.1e} |"
+                )
+            print(line, flush=True)
     import torch
 
     meta = {
@@ -170,7 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "num_classes": NUM_CLASSES,
     }
-    print(f"batch {args.batch}, {NUM_CLASSES} classes, {args.threads} thread(s), median of {args.reps}")
+    print(
+        f"batch {args.batch}, {NUM_CLASSES} classes, {args.threads} thread(s), median of {args.reps}; "
+        "x time / x mem = dense / sparse (fwd + bwd time; peak MiB = max-RSS growth over fwd + bwd)"
+    )
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {args.json}")

@@ -73,13 +73,13 @@ def _median_time(fn: Callable[[], Any], iters: int, warmup: int = 2) -> float:
 
 
 def bench_pair(student: str, teacher: str, args: argparse.Namespace) -> dict[str, Any]:
-    size = args.size
-    opts = ["INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", str(size)]
+    h, w = _hw(args.size)
+    opts = ["INPUT.MIN_SIZE_TRAIN", f"({min(h, w)},)", "INPUT.MAX_SIZE_TRAIN", str(max(h, w))]
     if args.teacher_amp:
         opts += ["DISTILL.TEACHER_AMP", args.teacher_amp]
     torch.manual_seed(0)
     model = build_model(distill_config(student, teacher, opts))
-    batches = [synthetic_batch(args.batch, size, boxes_per_image=3, seed=s) for s in range(4)]
+    batches = [synthetic_batch(args.batch, (h, w), boxes_per_image=args.gts, seed=s) for s in range(4)]
     calibrate_batchnorm(model.teacher, batches)
     batch = batches[0]
     model.train()
@@ -169,7 +169,18 @@ def _rss_kib() -> int:
     return pages * resource.getpagesize() // 1024
 
 
-def memory_case(student: str, teacher: str, kind: str, batch_size: int, size: int, threads: int) -> dict:
+def _hw(size: str | int) -> tuple[int, int]:
+    """``"800x1333"`` -> (800, 1333); ``128`` -> (128, 128)."""
+    text = str(size)
+    if "x" in text:
+        h, w = text.split("x")
+        return int(h), int(w)
+    return int(text), int(text)
+
+
+def memory_case(
+    student: str, teacher: str, kind: str, batch_size: int, size: str | int, threads: int, gts: int = 3
+) -> dict:
     """Peak memory (MiB) of two steps of one kind, above the built TBDistiller and batch.
 
     Runs in its own process (``fresh_process.run_case``): ``ru_maxrss`` is a high-water mark
@@ -178,10 +189,11 @@ def memory_case(student: str, teacher: str, kind: str, batch_size: int, size: in
     """
     if threads:
         torch.set_num_threads(threads)
-    opts = ["INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", str(size)]
+    h, w = _hw(size)
+    opts = ["INPUT.MIN_SIZE_TRAIN", f"({min(h, w)},)", "INPUT.MAX_SIZE_TRAIN", str(max(h, w))]
     torch.manual_seed(0)
     model = build_model(distill_config(student, teacher, opts))
-    batch = synthetic_batch(batch_size, size, boxes_per_image=3, seed=0)
+    batch = synthetic_batch(batch_size, (h, w), boxes_per_image=gts, seed=0)
     model.train()
 
     def step() -> None:
@@ -217,7 +229,15 @@ def bench_memory(student: str, teacher: str, args: argparse.Namespace) -> dict[s
     out: dict[str, Any] = {}
     for kind in STEP_KINDS:
         out[kind] = run_case(
-            "bench_tbd_overhead", "memory_case", student, teacher, kind, args.batch, args.size, args.threads
+            "bench_tbd_overhead",
+            "memory_case",
+            student,
+            teacher,
+            kind,
+            args.batch,
+            args.size,
+            args.threads,
+            args.gts,
         )
     extra = out["distill"]["peak_mib"] - out["student"]["peak_mib"]
     out["distill_minus_student_mib"] = extra
@@ -232,7 +252,8 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", default="128", help="image side, or HxW (e.g. 800x1333)")
+    parser.add_argument("--gts", type=int, default=3, help="GT boxes per image")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave as is)")
     parser.add_argument("--teacher-amp", default="", choices=["", "bf16", "fp16"])
     parser.add_argument("--json", default="", help="also write the results here")
@@ -258,7 +279,10 @@ def main() -> None:
                 "MiB)",
                 flush=True,
             )
-        print(f"batch {args.batch}, {args.size} px, {args.threads or torch.get_num_threads()} thread(s), CPU")
+        print(
+            f"batch {args.batch}, {args.size} px, {args.gts} GTs/image, "
+            f"{args.threads or torch.get_num_threads()} thread(s), CPU; x = distill step / student step"
+        )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)

@@ -17,6 +17,40 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> float:
+    """Start a peak-memory measurement; returns this process's resident memory now, in MiB.
+
+    On Linux the kernel's high-water mark (``VmHWM``) is reset to the current RSS (writing 5 to
+    ``/proc/self/clear_refs``), so :func:`peak_rss_mib` minus this value is the peak growth of
+    what follows, even if building the inputs went higher. Elsewhere: ``ru_maxrss`` (growth
+    above the earlier high-water mark, which can read 0 when the inputs' temporaries were larger).
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmRSS") / 1024
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory since :func:`reset_peak_rss` (or since start), in MiB."""
+    try:
+        return _status_kib("VmHWM") / 1024
+    except (OSError, KeyError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_case(module: str, func: str, *args: Any) -> dict:
     code = (
         f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import {module} as b; "

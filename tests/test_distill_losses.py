@@ -241,3 +241,69 @@ def test_twg_inputs_are_detached_by_default() -> None:
     w = twg.weights_for([t], [TaskMaps(s_pc, torch.rand(1, 2, 2))])
     w.sum().backward()
     assert s_pc.grad is None
+
+
+def _random_pr_case(seed: int, b: int = 3, h: int = 5, w: int = 7, a: int = 3, g: int = 23):
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(b, h, w, a, 2, generator=gen) * 100
+    wh = 1 + torch.rand(b, h, w, a, 2, generator=gen) * 40
+    boxes = torch.cat([xy, xy + wh], dim=-1)
+    boxes[0, 0, 0, 0] = torch.tensor([10.0, 10.0, 10.0, 30.0])  # a degenerate predicted box
+    gxy = torch.rand(b, g, 2, generator=gen) * 100
+    gt = torch.cat([gxy, gxy + 2 + torch.rand(b, g, 2, generator=gen) * 50], dim=-1)
+    gt[0, 1] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # a zero-width GT
+    mask = torch.ones(b, g, dtype=torch.bool)
+    mask[1, g // 2 :] = False  # padding in image 1
+    gt[1, g // 2 :] = 0.0
+    mask[2] = False  # image 2 has no GT at all
+    gt[2] = 0.0
+    return boxes, gt, mask
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("chunk", [2**22, 7, 1000])
+def test_regression_probability_matches_dense_values_and_gradients(seed: int, chunk: int) -> None:
+    """The chunked argmax + one differentiable IoU per box equals the dense max over every GT."""
+    from tbd.distill.testing import dense_regression_probability
+    from tbd.ops.boxes import best_iou_match
+
+    boxes, gt, mask = _random_pr_case(seed)
+    if chunk == 7:  # one GT per block: really chunked
+        _, index = best_iou_match(boxes.flatten(1, 3), gt, mask, max_chunk_elements=chunk)
+        assert index.shape == (3, 105) and (index[0] > 0).any()
+    weights = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(seed + 10))
+    x_new = boxes.clone().requires_grad_(True)
+    x_ref = boxes.clone().requires_grad_(True)
+    new = regression_probability(x_new, gt, mask, max_chunk_elements=chunk)
+    ref = dense_regression_probability(x_ref, gt, mask)
+    assert (ref[0] > 0.05).sum() > 10 and (ref[2] == 0).all()  # the case exercises real overlaps
+    torch.testing.assert_close(new, ref, rtol=0, atol=0)
+    (new * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert x_ref.grad.abs().sum() > 0
+    torch.testing.assert_close(x_new.grad, x_ref.grad)
+
+
+def test_regression_probability_saved_memory_does_not_grow_with_gts() -> None:
+    """What autograd keeps for the backward is O(B H W A): the same for 5 and for 400 GTs
+    (the dense form keeps [B, H W A, G] tensors, 80x more at 400 GTs)."""
+    from tbd.distill.testing import dense_regression_probability
+
+    def saved_bytes(fn, g: int) -> int:
+        gen = torch.Generator().manual_seed(0)
+        boxes = torch.rand(2, 6, 8, 3, 4, generator=gen) * 50
+        boxes = torch.cat([boxes[..., :2], boxes[..., :2] + 5 + boxes[..., 2:]], dim=-1).requires_grad_(True)
+        gxy = torch.rand(2, g, 2, generator=gen) * 50
+        gt = torch.cat([gxy, gxy + 10], dim=-1)
+        total = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(boxes, gt, torch.ones(2, g, dtype=torch.bool)).sum()
+        return total[0]
+
+    assert saved_bytes(regression_probability, 5) == saved_bytes(regression_probability, 400)
+    assert saved_bytes(dense_regression_probability, 400) > 20 * saved_bytes(regression_probability, 400)

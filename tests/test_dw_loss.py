@@ -96,3 +96,85 @@ def test_mixed_batch_padded_gt_is_ignored():
     assert both["loss_dw_loc"].item() == pytest.approx(single["loss_dw_loc"].item(), rel=1e-6)
     per_entry = 0.25**2 * -math.log(0.75)
     assert both["loss_dw_cls_neg"].item() == pytest.approx((5 + 6) * per_entry, rel=1e-5)
+
+
+def _random_batch(seed: int, b: int = 3, c: int = 4, g: int = 9):
+    """Points on a 64 px pyramid (strides 8, 16), random GTs, padding, and an image without GT."""
+    from tbd.ops.boxes import grid_points, pad_boxes
+
+    gen = torch.Generator().manual_seed(seed)
+    levels = grid_points([(8, 8), (4, 4)], [8, 16])
+    points = torch.cat(levels)
+    strides = torch.cat([torch.full((len(p),), float(s)) for p, s in zip(levels, [8, 16])])
+    p = points.shape[0]
+    logits = torch.randn(b, p, c, generator=gen) * 2
+    ctr = torch.randn(b, p, generator=gen)
+    ltrb = 1 + torch.rand(b, p, 4, generator=gen) * 24
+    boxes, labels = [], []
+    for n in (g, g // 2, 0)[:b]:
+        xy = torch.rand(n, 2, generator=gen) * 40
+        boxes.append(torch.cat([xy, xy + 6 + torch.rand(n, 2, generator=gen) * 30], dim=-1))
+        labels.append(torch.randint(0, c, (n,), generator=gen))
+    gt_boxes, gt_labels, gt_mask = pad_boxes(boxes, labels)
+    return logits, ltrb, ctr, points, strides, gt_boxes, gt_labels, gt_mask, c
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("chunk", [2**24, 100])
+def test_sparse_loss_matches_dense_values_and_gradients(seed: int, chunk: int) -> None:
+    """Only candidate pairs are kept; the three terms and their gradients equal the dense [B, P, G] form."""
+    from tbd.modeling.dw_loss import candidate_pairs
+    from tbd.modeling.dw_reference import dense_dw_loss
+
+    logits, ltrb, ctr, points, strides, gt_boxes, gt_labels, gt_mask, c = _random_batch(seed)
+    cfg = DWLossConfig(num_classes=c, max_chunk_elements=chunk)
+    if chunk == 100:  # one GT per block: really chunked
+        assert 3 * points.shape[0] > 100
+    bi, _, gi = candidate_pairs(points, gt_boxes, gt_mask, chunk)
+    assert bi.numel() > 50 and gt_mask[bi, gi].all() and not (bi == 2).any()
+    inputs_new = [t.clone().requires_grad_(True) for t in (logits, ltrb, ctr)]
+    inputs_ref = [t.clone().requires_grad_(True) for t in (logits, ltrb, ctr)]
+    new = DWLoss(cfg)(*inputs_new, points, strides, gt_boxes, gt_labels, gt_mask)
+    ref = dense_dw_loss(cfg, *inputs_ref, points, strides, gt_boxes, gt_labels, gt_mask)
+    for key in ref:
+        assert ref[key].item() > 0
+        torch.testing.assert_close(new[key], ref[key], rtol=1e-5, atol=1e-7)
+        g_new = torch.autograd.grad(new[key], inputs_new, retain_graph=True, allow_unused=True)
+        g_ref = torch.autograd.grad(ref[key], inputs_ref, retain_graph=True, allow_unused=True)
+        for a, r in zip(g_new, g_ref):
+            if r is None or a is None:
+                assert (a is None or a.abs().sum() == 0) and (r is None or r.abs().sum() == 0)
+            else:
+                torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-7)
+
+
+def test_sparse_loss_saved_memory_grows_with_candidates_not_gts() -> None:
+    """Adding 300 GTs that contain no point leaves what autograd keeps unchanged (the dense form
+    keeps [B, P, G] tensors for the backward)."""
+    from tbd.modeling.dw_reference import dense_dw_loss
+
+    logits, ltrb, ctr, points, strides, gt_boxes, gt_labels, gt_mask, c = _random_batch(0)
+    cfg = DWLossConfig(num_classes=c)
+    tiny = torch.tensor([100.0, 100.0, 101.0, 101.0]).expand(3, 300, 4)  # outside the 64 px image
+    more = (
+        torch.cat([gt_boxes, tiny], dim=1),
+        torch.cat([gt_labels, torch.zeros(3, 300, dtype=torch.long)], dim=1),
+        torch.cat([gt_mask, torch.ones(3, 300, dtype=torch.bool)], dim=1),
+    )
+
+    def saved(fn, gts) -> int:
+        total = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        args = [t.clone().requires_grad_(True) for t in (logits, ltrb, ctr)]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*args, points, strides, *gts)
+        return total[0]
+
+    sparse = DWLoss(cfg)
+    assert saved(sparse, more) == saved(sparse, (gt_boxes, gt_labels, gt_mask))
+    dense = lambda *a: dense_dw_loss(cfg, *a)  # noqa: E731
+    assert saved(dense, more) > 5 * saved(sparse, more)

@@ -324,6 +324,7 @@ def test_tal_assigner_invariants(
         # t_hat <= its IoU instead.
         s = scores[i, fg[i]].gather(1, out.labels[i, fg[i]][:, None]).squeeze(1)
         metric = s.pow(alpha) * ious.pow(beta)
+        assert (metric > 0).all()  # a zero-metric candidate is never a positive
         for g in idx.unique():
             sel = idx == g
             assert out.scores[i, fg[i]][sel].max() <= ious[sel].max() + TOL

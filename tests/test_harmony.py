@@ -236,3 +236,40 @@ def test_ddp_gathers_every_process_into_the_main_one(tmp_path) -> None:
     single, _ = _run()
     assert other["result"] == {}
     assert main["summary"] == json.loads(json.dumps(single))
+
+
+@pytest.mark.parametrize("class_agnostic", [False, True])
+def test_best_iou_match_in_gt_blocks_equals_the_dense_max(class_agnostic: bool) -> None:
+    """The block-wise best match (used for crowded images) gives the dense [N, G] max and argmax."""
+    from tbd.ops.boxes import best_iou_match, pairwise_iou
+
+    gen = torch.Generator().manual_seed(3)
+    xy = torch.rand(40, 2, generator=gen) * 200
+    boxes = torch.cat([xy, xy + 5 + torch.rand(40, 2, generator=gen) * 60], dim=1)
+    gxy = torch.rand(300, 2, generator=gen) * 200
+    gt = torch.cat([gxy, gxy + 5 + torch.rand(300, 2, generator=gen) * 60], dim=1)
+    classes, gt_classes = (
+        torch.randint(0, 3, (40,), generator=gen),
+        torch.randint(0, 3, (300,), generator=gen),
+    )
+    dense = pairwise_iou(boxes, gt)
+    if not class_agnostic:
+        dense = dense.masked_fill(classes[:, None] != gt_classes[None, :], 0.0)
+    labels = (None, None) if class_agnostic else (classes, gt_classes)
+    for chunk in (2**22, 40 * 7, 1):
+        best, index = best_iou_match(boxes, gt, None, *labels, max_chunk_elements=chunk)
+        assert torch.equal(best, dense.amax(dim=1)) and torch.equal(index, dense.argmax(dim=1))
+    assert torch.equal(best_match_iou(boxes, classes, gt, gt_classes, class_agnostic), dense.amax(dim=1))
+
+
+def test_pairwise_iou_nograd_is_bitwise_the_autograd_form() -> None:
+    from tbd.ops.boxes import pairwise_iou, pairwise_iou_nograd
+
+    gen = torch.Generator().manual_seed(5)
+    xy = torch.rand(2, 300, 2, generator=gen) * 100
+    boxes = torch.cat([xy, xy + torch.rand(2, 300, 2, generator=gen) * 40], -1)
+    boxes[0, 0] = torch.tensor([5.0, 5.0, 5.0, 9.0])  # degenerate
+    gxy = torch.rand(2, 17, 2, generator=gen) * 100
+    gt = torch.cat([gxy, gxy + torch.rand(2, 17, 2, generator=gen) * 40], -1)
+    assert torch.equal(pairwise_iou_nograd(boxes, gt), pairwise_iou(boxes, gt))
+    assert torch.equal(pairwise_iou_nograd(boxes[0], gt[0]), pairwise_iou(boxes[0], gt[0]))

@@ -53,6 +53,30 @@ def test_single_gt_default_exponents_rank_by_iou():
     torch.testing.assert_close(out.scores[0, :2], torch.tensor([1.0, (0.8 / 64) / 0.2]))
 
 
+def test_zero_metric_candidates_are_not_positives():
+    """Inside points whose predicted box misses the GT (IoU 0), or whose class score is 0, have
+    t = 0: they are not positives even when the GT has spare top-m slots (mmdet's rule). The
+    former rule filled the slots with them: 4 positives here instead of 1."""
+    points = torch.tensor([[2.0, 2.0], [5.0, 5.0], [8.0, 8.0], [3.0, 7.0]])
+    pred = torch.tensor(
+        [[[0.0, 0, 5, 10], [50, 50, 60, 60], [40, 0, 45, 5], [0, 0, 10, 10]]]
+    )  # IoU with the GT: 0.5, 0, 0, 1
+    scores = torch.full((1, 4, 2), 0.7)
+    scores[0, 3, 0] = 0.0  # perfect box, zero score for the GT's class
+    out = _assign(
+        TaskAlignedAssigner(topk=13),
+        scores,
+        pred,
+        points,
+        [torch.tensor([[0.0, 0, 10, 10]])],
+        [torch.tensor([0])],
+    )
+    assert out.fg_mask[0].tolist() == [True, False, False, False]
+    torch.testing.assert_close(out.scores[0], torch.tensor([0.5, 0.0, 0.0, 0.0]))
+    ref = reference_assign(scores, pred, points, [torch.tensor([[0.0, 0, 10, 10]])], [torch.tensor([0])], 2)
+    assert torch.equal(ref.fg_mask, out.fg_mask)
+
+
 def test_overlapping_gts_conflict_goes_to_highest_iou():
     # both GTs contain point 1; its predicted box overlaps GT b more. Each GT takes its top 2.
     gt = torch.tensor([[0.0, 0, 10, 10], [4.0, 0, 14, 10]])
@@ -123,12 +147,15 @@ def test_degenerate_gt_gets_no_positive_and_no_nan():
     assert out.fg_mask[0].all() and torch.isfinite(out.scores).all()
 
 
-def _random_case(seed: int, b: int = 2, g: int = 12, a: int = 400, c: int = 3):
+def _random_case(seed: int, b: int = 2, g: int = 12, a: int = 400, c: int = 3, misses: bool = False):
     gen = torch.Generator().manual_seed(seed)
     points = torch.rand(a, 2, generator=gen) * 128
     # predicted boxes contain their own point: every inside candidate has IoU > 0 (no ties at 0)
     ltrb = 4 + torch.rand(b, a, 4, generator=gen) * 40
     pred = torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)
+    if misses:  # a third of the predictions are far away: IoU 0, metric 0 with every GT
+        far = torch.rand(b, a, generator=gen) < 0.35
+        pred = torch.where(far[..., None], pred + 1000.0, pred)
     scores = torch.rand(b, a, c, generator=gen)
     boxes, labels = [], []
     for i in range(b):
@@ -142,14 +169,20 @@ def _random_case(seed: int, b: int = 2, g: int = 12, a: int = 400, c: int = 3):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("chunk", [2**22, 500])
-def test_matches_loop_reference(seed, chunk):
-    points, pred, scores, boxes, labels, c = _random_case(seed)
+@pytest.mark.parametrize("misses", [False, True])
+def test_matches_loop_reference(seed, chunk, misses):
+    points, pred, scores, boxes, labels, c = _random_case(seed, misses=misses)
     assigner = TaskAlignedAssigner(topk=9, max_chunk_elements=chunk)
     if chunk == 500:
         assert assigner.gt_chunk_size(2, 12, 400) == 1  # really chunked
     out = _assign(assigner, scores, pred, points, boxes, labels, c)
     ref = reference_assign(scores, pred, points, boxes, labels, c, topk=9)
     assert out.fg_mask.sum() > 20
+    if misses:  # some GT had fewer than m inside points with t > 0: its spare slots stay empty
+        per_gt = torch.stack(
+            [torch.bincount(out.gt_index[i][out.fg_mask[i]], minlength=12) for i in range(2)]
+        )
+        assert (per_gt[per_gt > 0] < 9).any()
     assert torch.equal(out.fg_mask, ref.fg_mask)
     assert torch.equal(out.gt_index, ref.gt_index)
     assert torch.equal(out.labels, ref.labels)

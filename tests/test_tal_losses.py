@@ -103,3 +103,26 @@ def test_atss_warmup_assigner():
     # soft target = IoU of the predicted box: [-2, -2, 10, 10] vs [0, 0, 16, 16] -> 100 / (144 + 256 - 100)
     torch.testing.assert_close(out.scores[0, 0], torch.tensor(100 / 300))
     assert (out.labels[0, out.fg_mask[0]] == 1).all() and (out.labels[0, ~out.fg_mask[0]] == 2).all()
+
+
+def test_atss_in_gt_blocks_equals_unchunked():
+    """Blocks of GTs bound the [B, G, n] centre distances; the assignment does not change."""
+    gen = torch.Generator().manual_seed(0)
+    sizes, strides = [(8, 8), (4, 4)], [8, 16]
+    pts = [
+        torch.stack([xs.flatten(), ys.flatten()], -1) * s + s / 2
+        for (h, w), s in zip(sizes, strides)
+        for ys, xs in [torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")]
+    ]
+    points = torch.cat(pts)
+    pred = torch.cat([points - 10, points + 10], -1)[None].repeat(2, 1, 1)
+    xy = torch.rand(2, 15, 2, generator=gen) * 40
+    boxes = [torch.cat([xy[i], xy[i] + 8 + torch.rand(15, 2, generator=gen) * 20], -1) for i in range(2)]
+    labels = [torch.randint(0, 3, (15,), generator=gen) for _ in range(2)]
+    gt_boxes, gt_labels, mask = pad_boxes([boxes[0], boxes[1][:9]], [labels[0], labels[1][:9]])
+    args = (pred, points, [64, 16], strides, gt_boxes, gt_labels, mask, 3)
+    whole = ATSSAssigner(topk=5, anchor_scale=2.0)(*args)
+    blocks = ATSSAssigner(topk=5, anchor_scale=2.0, max_chunk_elements=64)(*args)  # one GT per block
+    assert whole.fg_mask.sum() > 10
+    assert torch.equal(whole.fg_mask, blocks.fg_mask) and torch.equal(whole.gt_index, blocks.gt_index)
+    torch.testing.assert_close(whole.scores, blocks.scores)

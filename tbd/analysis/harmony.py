@@ -32,7 +32,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from torch import Tensor
 
-from tbd.ops.boxes import pairwise_iou
+from tbd.ops.boxes import best_iou_match
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +105,14 @@ def best_match_iou(
 ) -> Tensor:
     """IoU of each prediction ``[N, 4]`` with its best-matching GT ``[G, 4]`` -> ``[N]``.
 
-    Per class by default: a GT box of another class counts as IoU 0. No GT -> 0.
+    Per class by default: a GT box of another class counts as IoU 0. No GT -> 0. The ``[N, G]``
+    IoUs are computed in bounded blocks of GTs (crowded images).
     """
     if gt_boxes.shape[0] == 0 or pred_boxes.shape[0] == 0:
         return pred_boxes.new_zeros(pred_boxes.shape[0])
-    iou = pairwise_iou(pred_boxes.float(), gt_boxes.float())  # [N, G]
-    if not class_agnostic:
-        iou = iou.masked_fill(pred_classes[:, None] != gt_classes[None, :], 0.0)
-    return iou.amax(dim=1)
+    classes = (None, None) if class_agnostic else (pred_classes, gt_classes)
+    best, _ = best_iou_match(pred_boxes.float(), gt_boxes.float(), None, *classes)
+    return best.clamp(min=0.0)
 
 
 def harmony_score_np(scores: np.ndarray, ious: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tbd.ops.boxes import pairwise_iou
+from tbd.ops.boxes import aligned_iou, best_iou_match
 
 from .config import PC_MODES
 
@@ -40,18 +40,34 @@ def classification_probability(logits: Tensor, mode: str = "sigmoid") -> Tensor:
     raise ValueError(f"unknown p_c mode {mode!r}; expected one of {PC_MODES}")
 
 
-def regression_probability(boxes: Tensor, gt_boxes: Tensor, gt_mask: Tensor) -> Tensor:
+#: default bound on the elements of one no-grad ``[B, anchors, GT chunk]`` IoU block of p_r
+#: (2**20 pairs: ~4 MiB per intermediate, ~50 MiB for the whole IoU computation)
+PR_MAX_CHUNK_ELEMENTS = 2**20
+
+
+def regression_probability(
+    boxes: Tensor, gt_boxes: Tensor, gt_mask: Tensor, max_chunk_elements: int = PR_MAX_CHUNK_ELEMENTS
+) -> Tensor:
     """p_r: for each location, max over its ``A`` decoded boxes and the image's GTs of the IoU.
 
     ``boxes [B, H, W, A, 4]``, ``gt_boxes [B, G, 4]`` padded, ``gt_mask [B, G]`` (False on
     padding). An image without GT gets 0 everywhere. Differentiable in ``boxes``.
+
+    Memory is ``O(B H W A)``: the best GT of each box is found without gradient
+    (:func:`tbd.ops.boxes.best_iou_match`, in blocks of GTs), and the differentiable IoU is computed once per box,
+    with that GT. The max over GTs passes its gradient to its argmax only, so value and gradient
+    are those of the dense ``max_g IoU(box, g)`` (:func:`tbd.distill.testing.dense_regression_probability`).
     """
     b, h, w, a, _ = boxes.shape
     if gt_boxes.shape[1] == 0:
         return boxes.new_zeros((b, h, w))
-    iou = pairwise_iou(boxes.reshape(b, h * w * a, 4), gt_boxes.to(boxes.dtype))  # [B, HWA, G]
-    iou = iou.masked_fill(~gt_mask[:, None, :], 0.0)
-    return iou.amax(dim=-1).view(b, h, w, a).amax(dim=-1)
+    flat = boxes.reshape(b, h * w * a, 4)
+    gt_boxes = gt_boxes.to(boxes.dtype)
+    _, index = best_iou_match(flat.detach(), gt_boxes, gt_mask, max_chunk_elements=max_chunk_elements)
+    matched = gt_boxes.gather(1, index[..., None].expand(-1, -1, 4))  # [B, HWA, 4]
+    iou = aligned_iou(flat, matched)
+    iou = torch.where(gt_mask.any(dim=1, keepdim=True), iou, torch.zeros_like(iou))
+    return iou.view(b, h, w, a).amax(dim=-1)
 
 
 def harmony_score(p_c: Tensor, p_r: Tensor) -> Tensor:

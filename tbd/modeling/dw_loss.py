@@ -13,13 +13,13 @@ from detectron2.utils import comm
 from torch import Tensor
 
 from tbd.modeling.dw_weights import (
-    center_prior,
-    class_negative_probability,
-    negative_probability,
     negative_weights,
-    positive_weights,
+    pair_center_prior,
+    pair_class_negative_probability,
+    pair_negative_probability,
+    pair_positive_weights,
 )
-from tbd.ops.boxes import aligned_iou, giou_loss, ltrb_decode, points_in_boxes
+from tbd.ops.boxes import aligned_iou, boxes_contain_points, giou_loss, ltrb_decode
 
 _LN2 = math.log(2.0)
 #: smallest ``1 - s`` (equivalently ``-log s``) the background term sees. Its gradient with respect
@@ -70,10 +70,39 @@ class DWLossConfig:
     cls_pos_weight: float = 0.25
     loc_weight: float = 1.25  # 0.25 * 5: the reference writes the GIoU term as BCE(exp(-5 L), 1)
     cls_neg_weight: float = 1.0
+    #: bound on one ``[B, G_chunk, P]`` boolean block of the candidate search (memory, not results)
+    max_chunk_elements: int = 2**24
+
+
+@torch.no_grad()
+def candidate_pairs(
+    points: Tensor, gt_boxes: Tensor, gt_mask: Tensor, max_chunk_elements: int = 2**24
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DW's candidate set as pairs: ``(image, point, gt)`` index tensors ``[N]`` of every point
+    strictly inside a real GT. The dense search is a one-byte mask per block of GTs holding at most
+    ``max_chunk_elements`` pairs; what is kept is the ``N`` candidates."""
+    b, g = gt_mask.shape
+    p = points.shape[0]
+    step = max(1, min(g, max_chunk_elements // max(1, b * p)))
+    parts = []
+    for g0 in range(0, g, step):  # blocks of GTs: bounded memory, not a per-GT loop
+        inside = boxes_contain_points(gt_boxes[:, g0 : g0 + step], points)  # [B, g, P]
+        inside &= gt_mask[:, g0 : g0 + step, None]
+        bi, gi, pi = inside.nonzero(as_tuple=True)
+        parts.append((bi, pi, gi + g0))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long, device=points.device)
+        return empty, empty, empty
+    bi, pi, gi = (torch.cat(t) for t in zip(*parts))
+    return bi, pi, gi
 
 
 class DWLoss:
     """Computes the DW losses for one batch (all images at once, GTs padded and masked).
+
+    Only the candidate pairs (a point strictly inside a real GT) carry a pairwise quantity, so
+    memory grows with the number of candidates, not with ``P x G``; the dense ``[B, P, G]`` form
+    (:func:`tbd.modeling.dw_reference.dense_dw_loss`) gives the same values.
 
     Inputs (``P`` = every point of every level, concatenated):
     ``logits [B, P, C]``, ``ltrb [B, P, 4]`` (pixels), ``ctr_logits [B, P]``, ``points [P, 2]``,
@@ -101,26 +130,28 @@ class DWLoss:
         gt_mask: Tensor,
     ) -> Dict[str, Tensor]:
         c = self.cfg
-        b, p, _ = logits.shape
+        b, p, num_classes = logits.shape
         g = gt_boxes.shape[1]
-        candidates = points_in_boxes(points, gt_boxes) & gt_mask[:, None, :]  # [B, P, G]
-        prior = center_prior(points, point_strides, gt_boxes, candidates, c.prior_sigma)
+        # the candidate (image, point, GT) pairs: every pairwise quantity below is [N], not [B, P, G]
+        bi, pi, gi = candidate_pairs(points, gt_boxes, gt_mask, c.max_chunk_elements)
+        segment = bi * g + gi  # each GT's candidate set
+        pair_gt = gt_boxes[bi, gi]
+        prior = pair_center_prior(points[pi], point_strides[pi], pair_gt, c.prior_sigma)
 
-        pred_boxes = ltrb_decode(points, ltrb)[:, :, None, :]  # [B, P, 1, 4]
-        targets = gt_boxes[:, None, :, :]  # [B, 1, G, 4]
-        reg_loss = giou_loss(pred_boxes, targets)  # [B, P, G]
+        pred_boxes = ltrb_decode(points[pi], ltrb[bi, pi])  # [N, 4]
+        reg_loss = giou_loss(pred_boxes, pair_gt)  # [N]
         with torch.no_grad():
-            ious = aligned_iou(pred_boxes, targets) * candidates
+            ious = aligned_iou(pred_boxes, pair_gt)
 
         log_s = F.logsigmoid(logits) + F.logsigmoid(ctr_logits)[..., None]  # [B, P, C]
-        label_index = gt_labels.clamp(min=0)[:, None, :].expand(b, p, g)
-        log_s_gt = log_s.gather(2, label_index)  # [B, P, G]
+        pair_label = gt_labels[bi, gi].clamp(min=0)
+        log_s_gt = log_s[bi, pi, pair_label]  # [N]
 
         with torch.no_grad():
             p_pos = log_s_gt.exp() * torch.exp(-c.loc_exponent * reg_loss)
-            w_pos = positive_weights(p_pos, prior, c.pos_mu, c.pos_mu_norm)
-            pair_p_neg = negative_probability(ious, candidates, c.neg_iou_low, c.neg_power)
-            p_neg = class_negative_probability(pair_p_neg, gt_labels, c.num_classes)
+            w_pos = pair_positive_weights(p_pos, prior, segment, b * g, c.pos_mu, c.pos_mu_norm)
+            pair_p_neg = pair_negative_probability(ious, segment, b * g, c.neg_iou_low, c.neg_power)
+            p_neg = pair_class_negative_probability(pair_p_neg, bi, pi, pair_label, (b, p, num_classes))
             w_neg = negative_weights(p_neg, log_s.exp(), c.neg_gamma)
 
         pos_norm = _mean_over_workers(gt_mask.sum().to(logits.dtype)).clamp(min=1.0)
@@ -129,11 +160,12 @@ class DWLoss:
         loss_loc = (w_pos * reg_loss).sum() / pos_norm
         loss_neg = (w_neg * neg_log_one_minus_exp(log_s)).sum() / neg_norm
 
+        num_cand = bi.numel()
         self.last_stats = {
-            "num_candidates": candidates.sum().item() / max(b, 1),
+            "num_candidates": num_cand / max(b, 1),
             "pos_weight_sum": w_pos.sum().item() / max(float(gt_mask.sum()), 1.0),
             "neg_norm": float(neg_norm),
-            "mean_candidate_iou": (ious.sum() / candidates.sum().clamp(min=1)).item(),
+            "mean_candidate_iou": (ious.sum() / max(num_cand, 1)).item(),
         }
         return {
             "loss_dw_cls_pos": c.cls_pos_weight * loss_pos,

@@ -1,9 +1,16 @@
 """The weighting functions of dual weighting (DW, CVPR 2022), as pure tensor functions.
 
-Every function works on a whole padded batch: ``B`` images, ``P`` points (all FPN levels
-concatenated), ``G`` ground-truth slots (padded GTs are masked out by the caller's candidate mask).
-Pairwise quantities are ``[B, P, G]``; per-class quantities are ``[B, P, C]``. The weights are
-constants of the loss: every function here returns detached tensors.
+Two forms of each pairwise function:
+
+- the *pair* form (``pair_*``), used by the loss: a flat list of ``N`` candidate (image, point, GT)
+  pairs, each with its segment id ``seg = image * G + gt`` (its GT's candidate set); per-GT sums,
+  minima and maxima are segment reductions. Memory is ``O(N)``, the candidates only;
+- the *dense* form, on a whole padded batch: ``B`` images, ``P`` points (all FPN levels
+  concatenated), ``G`` ground-truth slots; pairwise quantities are ``[B, P, G]`` and every pair
+  outside the candidate mask is neutral. The reference of the pair form (tests, benchmarks).
+
+Per-class quantities are ``[B, P, C]``. The weights are constants of the loss: every function here
+returns detached tensors.
 """
 
 from __future__ import annotations
@@ -32,6 +39,54 @@ def center_prior(
     delta = (points[None, :, None, :] - centers[:, None, :, :]) / point_strides[None, :, None, None]
     prior = torch.exp(-delta.pow(2).sum(dim=-1) / (2.0 * sigma * sigma))
     return prior * candidates.to(prior.dtype)
+
+
+@torch.no_grad()
+def pair_center_prior(points: Tensor, strides: Tensor, gt_boxes: Tensor, sigma: float = 1.11) -> Tensor:
+    """:func:`center_prior` of ``N`` pairs: ``points [N, 2]``, ``strides [N]``, ``gt_boxes [N, 4]`` -> ``[N]``."""
+    centers = (gt_boxes[..., :2] + gt_boxes[..., 2:]) * 0.5
+    delta = (points - centers) / strides[:, None]
+    return torch.exp(-delta.pow(2).sum(dim=-1) / (2.0 * sigma * sigma))
+
+
+def _segment_reduce(values: Tensor, segment: Tensor, num_segments: int, reduce: str, init: float) -> Tensor:
+    out = values.new_full((num_segments,), init)
+    return out.scatter_reduce_(0, segment, values, reduce=reduce, include_self=True)
+
+
+@torch.no_grad()
+def pair_positive_weights(
+    p_pos: Tensor, prior: Tensor, segment: Tensor, num_segments: int, mu: float = 5.0, mu_norm: float = 3.0
+) -> Tensor:
+    """:func:`positive_weights` of ``N`` candidate pairs ``[N]``, normalised over each ``segment``."""
+    p = p_pos.detach()
+    base = p * prior
+    num = torch.exp(mu * p) * base
+    den = _segment_reduce(torch.exp(mu_norm * p) * base, segment, num_segments, "sum", 0.0)
+    return num / den.clamp(min=EPS)[segment]
+
+
+@torch.no_grad()
+def pair_negative_probability(
+    ious: Tensor, segment: Tensor, num_segments: int, iou_low: float = 0.5, power: float = 2.0
+) -> Tensor:
+    """:func:`negative_probability` of ``N`` candidate pairs ``[N]`` (min-max over each ``segment``)."""
+    t = (ious.pow(power) - 1.0) / (iou_low**power - 1.0)
+    t_min = _segment_reduce(t, segment, num_segments, "amin", math.inf)[segment]
+    t_top = _segment_reduce(t, segment, num_segments, "amax", -math.inf)[segment].clamp(max=1.0)
+    y = (t - t_min + EPS) / (t_top - t_min + EPS)
+    return torch.where(ious < iou_low, torch.ones_like(y), y)
+
+
+@torch.no_grad()
+def pair_class_negative_probability(
+    pair_p_neg: Tensor, image: Tensor, point: Tensor, label: Tensor, shape: tuple[int, int, int]
+) -> Tensor:
+    """:func:`class_negative_probability` from ``N`` candidate pairs -> ``[B, P, C]`` (1 where no GT claims)."""
+    b, p, c = shape
+    out = pair_p_neg.new_ones(b * p * c)
+    out.scatter_reduce_(0, (image * p + point) * c + label, pair_p_neg, reduce="amin", include_self=True)
+    return out.view(b, p, c)
 
 
 @torch.no_grad()

@@ -2,12 +2,15 @@
 
 The assigner works on padded batches: ``images x GTs x points`` with a GT mask, no Python loop over
 GTs or points. The only loop is over *chunks* of GTs, whose size keeps the dense ``[B, g, A]`` work
-under ``max_chunk_elements`` so crowded images (hundreds of GTs, ~20k points) stay in bounded memory.
+(a one-byte "inside" mask) under ``max_chunk_elements``, so crowded images (thousands of GTs, ~20k
+points) stay in bounded memory.
 
-Pipeline, per GT chunk (dense) and then on the ``[B, G, m]`` top-m candidates only (sparse):
+Pipeline, per GT chunk on the inside (point, GT) pairs only, then on the ``[B, G, m]`` top-m
+candidates:
 
-1. ``u = IoU(pred box, GT)``, ``s = score of the GT's class``, ``t = s^alpha * u^beta``;
-2. candidates: points whose centre lies strictly inside the GT; top ``m`` candidates per GT by ``t``;
+1. candidates: points whose centre lies strictly inside the GT (only these pairs are scored);
+2. ``u = IoU(pred box, GT)``, ``s = score of the GT's class``, ``t = s^alpha * u^beta``;
+   pairs with ``t = 0`` are dropped (no overlap: nothing to align), then the top ``m`` per GT by ``t``;
 3. a point claimed by several GTs goes to the claimant with the highest IoU (ties: lowest GT index);
 4. ``t_hat = t / max(t) * max(u)`` over each GT's final positives.
 """
@@ -22,7 +25,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.utils import comm
 from torch import Tensor
 
-from tbd.ops.boxes import giou_loss, pairwise_iou, points_in_boxes
+from tbd.ops.boxes import aligned_iou, boxes_contain_points, giou_loss, segment_topk
 from tbd.ops.losses import quality_focal_loss
 
 
@@ -157,27 +160,50 @@ class TaskAlignedAssigner:
 
     @torch.no_grad()
     def candidates(
-        self, pred_scores: Tensor, pred_boxes: Tensor, points: Tensor, gt_boxes: Tensor, gt_labels: Tensor
+        self,
+        pred_scores: Tensor,
+        pred_boxes: Tensor,
+        points: Tensor,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        gt_mask: Tensor | None = None,
     ) -> _Candidates:
+        """The top-``m`` candidates of every GT, ``[B, G, m]`` (sparse: only inside pairs are scored).
+
+        Per block of GTs, the dense work is a one-byte "point inside GT" mask; IoU, class score
+        and metric are computed for the inside pairs only, and a segmented top-k (two stable
+        sorts) ranks each GT's pairs. Candidates with metric 0 are dropped (they never become
+        positives); ties in the metric keep the lower point index.
+        """
         b, num_points, _ = pred_scores.shape
         g = gt_boxes.shape[1]
         k = min(self.topk, num_points)
-        scores_t = pred_scores.transpose(1, 2)  # [B, C, A]
+        device = pred_scores.device
+        index = torch.zeros((b, g, k), dtype=torch.long, device=device)
+        valid = torch.zeros((b, g, k), dtype=torch.bool, device=device)
+        iou_out = torch.zeros((b, g, k), dtype=pred_boxes.dtype, device=device)
+        metric_out = torch.zeros((b, g, k), dtype=pred_scores.dtype, device=device)
         step = self.gt_chunk_size(b, g, num_points)
-        parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         for g0 in range(0, g, step):  # chunks of GTs: bounded memory, not a per-GT loop
             boxes = gt_boxes[:, g0 : g0 + step]
-            labels = gt_labels[:, g0 : g0 + step].clamp(min=0)
-            iou = pairwise_iou(boxes, pred_boxes)  # [B, g, A]
-            inside = points_in_boxes(points, boxes).transpose(1, 2)  # [B, g, A]
-            score = scores_t.gather(1, labels[..., None].expand(-1, -1, num_points))
-            metric = score.pow(self.alpha) * iou.pow(self.beta)
-            ranked = torch.where(inside, metric, torch.full_like(metric, -1.0))
-            top_val, top_idx = ranked.topk(k, dim=-1)
-            parts.append((top_idx, top_val >= 0, iou.gather(-1, top_idx), metric.gather(-1, top_idx)))
-            del iou, inside, score, metric, ranked
-        index, valid, iou, metric = (torch.cat(t, dim=1) for t in zip(*parts))
-        return _Candidates(index, valid, iou, metric)
+            gc = boxes.shape[1]
+            inside = boxes_contain_points(boxes, points)  # [B, gc, A] bool
+            if gt_mask is not None:
+                inside &= gt_mask[:, g0 : g0 + step, None]
+            bi, gi, ai = inside.nonzero(as_tuple=True)
+            del inside
+            iou = aligned_iou(boxes[bi, gi], pred_boxes[bi, ai])
+            labels = gt_labels[:, g0 : g0 + step].clamp(min=0)[bi, gi]
+            metric = pred_scores[bi, ai, labels].pow(self.alpha) * iou.pow(self.beta)
+            pos = metric > 0  # a zero metric (no overlap, zero score) is never a positive
+            bi, gi, ai, iou, metric = bi[pos], gi[pos], ai[pos], iou[pos], metric[pos]
+            sel, rank = segment_topk(metric, bi * gc + gi, b * gc, k)
+            slot = (bi[sel], g0 + gi[sel], rank)
+            index[slot] = ai[sel]
+            valid[slot] = True
+            iou_out[slot] = iou[sel]
+            metric_out[slot] = metric[sel]
+        return _Candidates(index, valid, iou_out, metric_out)
 
     @torch.no_grad()
     def __call__(
@@ -201,7 +227,7 @@ class TaskAlignedAssigner:
         pred_scores = pred_scores.detach().float()
         pred_boxes = pred_boxes.detach().float()
         gt_boxes = gt_boxes.float()
-        cand = self.candidates(pred_scores, pred_boxes, points.float(), gt_boxes, gt_labels)
+        cand = self.candidates(pred_scores, pred_boxes, points.float(), gt_boxes, gt_labels, gt_mask)
         cand.valid &= gt_mask[..., None]
         return resolve_candidates(cand, gt_boxes, gt_labels, points.shape[0], num_classes)
 

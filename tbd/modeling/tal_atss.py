@@ -20,9 +20,10 @@ from tbd.ops.boxes import aligned_iou, box_centers, pairwise_iou, points_in_boxe
 
 
 class ATSSAssigner:
-    def __init__(self, topk: int = 9, anchor_scale: float = 8.0) -> None:
+    def __init__(self, topk: int = 9, anchor_scale: float = 8.0, max_chunk_elements: int = 2**22) -> None:
         self.topk = topk
         self.anchor_scale = anchor_scale
+        self.max_chunk_elements = max_chunk_elements
 
     def prior_boxes(self, points: Tensor, level_sizes: Sequence[int], strides: Sequence[int]) -> Tensor:
         half = torch.cat(
@@ -48,9 +49,14 @@ class ATSSAssigner:
         idx_parts = []
         start = 0
         for n in level_sizes:  # loop over FPN levels
-            dist = torch.cdist(centers, points[start : start + n][None].expand(b, -1, -1))  # [B, G, n]
+            level = points[start : start + n][None].expand(b, -1, -1)
             k = min(self.topk, n)
-            idx_parts.append(dist.topk(k, dim=-1, largest=False).indices + start)
+            step = max(1, min(g, self.max_chunk_elements // max(1, b * n)))
+            nearest = [  # blocks of GTs: the [B, g, n] distances stay bounded
+                torch.cdist(centers[:, g0 : g0 + step], level).topk(k, dim=-1, largest=False).indices
+                for g0 in range(0, max(g, 1), step)
+            ]
+            idx_parts.append(torch.cat(nearest, dim=1) + start)
             start += n
         index = torch.cat(idx_parts, dim=-1)  # [B, G, L*k]
         cand_priors = priors[index]  # [B, G, L*k, 4]

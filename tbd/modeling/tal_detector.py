@@ -43,7 +43,11 @@ class TALDetector(DenseDetector):
     def config_kwargs(cfg: CN, head_cfg: CN) -> dict[str, Any]:
         """The keyword arguments every TAL head takes from ``MODEL.TAL`` and its own node."""
         tal = cfg.MODEL.TAL
-        warmup = ATSSAssigner(tal.ATSS_TOPK, tal.ATSS_ANCHOR_SCALE) if tal.WARMUP_ITERS > 0 else None
+        warmup = (
+            ATSSAssigner(tal.ATSS_TOPK, tal.ATSS_ANCHOR_SCALE, tal.MAX_CHUNK_ELEMENTS)
+            if tal.WARMUP_ITERS > 0
+            else None
+        )
         return {
             "num_classes": head_cfg.NUM_CLASSES,
             "assigner": TaskAlignedAssigner(tal.TOPK, tal.ALPHA, tal.BETA, tal.MAX_CHUNK_ELEMENTS),

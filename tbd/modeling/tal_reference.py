@@ -43,7 +43,7 @@ def reference_assign(
             iou = pairwise_iou(box, pred_boxes[i].float())[0]
             inside = points_in_boxes(points.float(), box)[:, 0]
             metric = pred_scores[i, :, int(gt_labels[i][g])].float().pow(alpha) * iou.pow(beta)
-            cand = torch.nonzero(inside).flatten()
+            cand = torch.nonzero(inside & (metric > 0)).flatten()  # metric 0: never a positive
             if cand.numel() == 0:
                 continue
             order = torch.argsort(metric[cand], descending=True, stable=True)[:topk]
