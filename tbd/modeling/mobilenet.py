@@ -466,7 +466,8 @@ def load_mobilenet_v2_weights(
     )
     target = backbone.state_dict()
     built = ("stem", *backbone.stage_names)
-    skipped = sorted(k for k in weights if k.split(".", 1)[0] not in built)
+    not_built = set(STAGE_NAMES) - set(built)
+    skipped = sorted(k for k in weights if k.split(".", 1)[0] in not_built)
     if "m5" in built and not any(isinstance(b, PointwiseConv) for b in backbone.m5):
         # LAST_CONV off: the final conv of the weights has no place in this backbone
         n = len(backbone.m5)
