@@ -313,3 +313,33 @@ def test_imagenet_weights_reproduce_torchvision_features(imagenet_torch_home, re
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-4, msg=name)
     # and the ImageNet features are not degenerate on this image
     assert ref["m5"].std() > 0.1
+
+
+# -------------------------------------------------------------------- as a distilled student
+def test_mnv2_student_distils_from_a_resnet_teacher_and_exports(tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.utils.events import EventStorage
+
+    from tbd.distill import TBDistiller
+    from tbd.distill.testing import distill_config, synthetic_batch
+
+    opts = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64"]
+    torch.manual_seed(0)
+    cfg = distill_config("tood_MNV2_FPN", "retinanet_R18_FPN", opts)
+    model = build_model(cfg)
+    assert isinstance(model, TBDistiller) and model.strides == [8, 16, 32, 64, 128]
+    assert model._flip_teacher_channels  # RGB student, BGR teacher: the teacher sees BGR
+    model.train()
+    with EventStorage():
+        losses = model(synthetic_batch(2, 64, seed=5))
+        sum(losses.values()).backward()
+    assert torch.isfinite(losses["loss_hd"]) and losses["loss_tfd"].item() > 0
+    assert model.student.backbone.bottom_up.m3[0].project.weight.grad.abs().sum() > 0
+
+    path = tmp_path / "student.pth"
+    model.export_student(path)
+    cfg.MODEL.META_ARCHITECTURE = cfg.DISTILL.STUDENT_META_ARCHITECTURE
+    plain = build_model(cfg)
+    DetectionCheckpointer(plain).load(str(path))
+    for k, v in model.student.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v), k
