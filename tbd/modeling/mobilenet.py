@@ -472,7 +472,8 @@ def load_mobilenet_v2_weights(
         # LAST_CONV off: the final conv of the weights has no place in this backbone
         n = len(backbone.m5)
         skipped += sorted(k for k in weights if k.startswith(f"m5.{n}."))
-    given = {k: v for k, v in weights.items() if k not in set(skipped)}
+    skip = set(skipped)
+    given = {k: v for k, v in weights.items() if k not in skip}
     expected = [k for k in target if not k.endswith("num_batches_tracked")]
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in target]
@@ -484,7 +485,7 @@ def load_mobilenet_v2_weights(
             parts.append(f"unexpected {len(unexpected)}: {_listing(unexpected)}")
         raise WeightsMismatchError(
             f"{source} do not fit the MobileNetV2 backbone ({'; '.join(parts)}); they must be a "
-            "torchvision mobilenet_v2 state dict (or its conversion) for MODEL.MOBILENET.WIDTH_MULT 1.0"
+            "torchvision mobilenet_v2 state dict, or its conversion by convert_torchvision_mobilenet_v2"
         )
     shapes = [
         f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}"
