@@ -343,3 +343,23 @@ def test_mnv2_student_distils_from_a_resnet_teacher_and_exports(tmp_path):
     DetectionCheckpointer(plain).load(str(path))
     for k, v in model.student.state_dict().items():
         assert torch.equal(plain.state_dict()[k], v), k
+
+
+def test_export_of_a_detectron2_head_on_mnv2_keeps_the_backbone_keys(tmp_path):
+    """``tbd export`` prunes a RetinaNet student's config to Detectron2's keys; on MobileNetV2 that
+    would drop MODEL.MOBILENET (a Faster R-CNN student would lose its m2 tap): it must keep them."""
+    from tbd.distill.testing import distill_config
+    from tbd.export import export_student
+
+    cfg = distill_config("faster_rcnn_MNV2_FPN", "retinanet_R18_FPN")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ckpt = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    weights, config = export_student(cfg, ckpt, tmp_path / "export")
+    exported = load_config(str(config))
+    assert exported.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+    assert list(exported.MODEL.MOBILENET.OUT_FEATURES) == ["m2", "m3", "m4", "m5"]
+    assert exported.MODEL.MOBILENET.NORM == "BN" and exported.INPUT.FORMAT == "RGB"
+    plain = build_model(exported)
+    plain.load_state_dict(torch.load(weights, weights_only=False)["model"], strict=True)
