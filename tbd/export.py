@@ -62,11 +62,12 @@ def load_student_state(checkpoint: str | Path) -> dict[str, Any]:
 def export_student(run_cfg: CfgNode, checkpoint: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``model_student.pth`` and ``config_student.yaml`` into ``out_dir``.
 
-    The config keeps only Detectron2's keys when the student is a Detectron2 architecture, so
-    plain Detectron2 builds it; a tbd head (TOOD, ET, DW, FCOSDetector) keeps its tbd keys and
-    needs ``import tbd`` to be registered.
+    The config keeps only Detectron2's keys when the student is a Detectron2 architecture on a
+    Detectron2 backbone, so plain Detectron2 builds it; a tbd head (TOOD, ET, DW, FCOSDetector) or
+    a tbd backbone (MobileNetV2) keeps its tbd keys and needs ``import tbd.modeling`` to be
+    registered.
     """
-    from detectron2.modeling import META_ARCH_REGISTRY
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
     from tbd.engine.checkpoint import atomic_torch_save, atomic_write_text
 
@@ -75,7 +76,8 @@ def export_student(run_cfg: CfgNode, checkpoint: str | Path, out_dir: str | Path
     cfg = student_cfg(run_cfg)
     cfg.MODEL.WEIGHTS = ""
     arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-    native = arch.__module__.startswith("detectron2.")
+    backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)
+    native = arch.__module__.startswith("detectron2.") and backbone.__module__.startswith("detectron2.")
     weights = out / "model_student.pth"
     config = out / "config_student.yaml"
     atomic_torch_save({"model": load_student_state(checkpoint), "__author__": "tbd export"}, weights)

@@ -1,3 +1,4 @@
-"""Detectron2 meta-architectures added by tbd (importing registers them and their probe adapters)."""
+"""Detectron2 meta-architectures and backbones added by tbd (importing registers them, and the
+heads' probe adapters)."""
 
-from tbd.modeling import dw, dw_probe, et_head, fcos, tal_probe, tood  # noqa: F401
+from tbd.modeling import dw, dw_probe, et_head, fcos, mobilenet, tal_probe, tood  # noqa: F401
