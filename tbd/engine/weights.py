@@ -214,27 +214,24 @@ def convert_torchvision_resnet(state: Mapping[str, Any]) -> dict[str, torch.Tens
     return out
 
 
+def _as_tensor(value: Any) -> torch.Tensor:
+    """A tensor for a tensor or a NumPy array (Caffe2 / Detectron2 .pkl files hold arrays)."""
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+
+
 def convert_caffe2_backbone(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Caffe2 / Detectron1 ImageNet names (``res2_0_branch2a_w``) -> Detectron2 bottom-up names."""
     from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 
     renamed, _ = convert_c2_detectron_names({k: v for k, v in state.items()})
-    return {
-        k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
-        for k, v in renamed.items()
-        if _D2_BOTTOM_UP.match(k)
-    }
+    return {k: _as_tensor(v) for k, v in renamed.items() if _D2_BOTTOM_UP.match(k)}
 
 
 #: state-dict kind -> converter to Detectron2 bottom-up names (other modules may add theirs)
 BACKBONE_CONVERTERS: dict[str, Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]] = {
     "torchvision-resnet": convert_torchvision_resnet,
     "caffe2": convert_caffe2_backbone,
-    "detectron2-backbone": lambda s: {
-        k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
-        for k, v in s.items()
-        if _D2_BOTTOM_UP.match(k)
-    },
+    "detectron2-backbone": lambda s: {k: _as_tensor(v) for k, v in s.items() if _D2_BOTTOM_UP.match(k)},
 }
 
 
@@ -296,9 +293,7 @@ def load_model_weights(model: nn.Module, state: Mapping[str, Any], source: str, 
         state = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
     elif not any(k in keys for k in state) and any(f"student.{k}" in keys for k in state):
         state = {f"student.{k}": v for k, v in state.items()}
-    state = {
-        k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in state.items()
-    }
+    state = {k: _as_tensor(v) for k, v in state.items()}
     bottom = bottom_up_name(model) + "."
     report = WeightsReport(
         source=source, kind=kind, target="", target_total=len([k for k in own if not _ignorable(k)])
