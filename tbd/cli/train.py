@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,9 @@ def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     register_all()
     common.resolve_datasets(args)
     common.setup_logging(Path(cfg.OUTPUT_DIR))
-    trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False))
-    trainer.resume_or_load(resume=args.resume)
     try:
+        trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False))
+        trainer.resume_or_load(resume=args.resume)
         trainer.train()
         results = getattr(trainer, "_last_eval_results", None) or {}
     except NonFiniteLossError as err:
@@ -81,6 +82,9 @@ def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
                 "Run the same command with --resume to continue.[/]"
             )
         raise SystemExit(130) from None
+    except Exception:
+        logging.getLogger(common.RUN_LOG_ONLY).exception("run in %s failed", cfg.OUTPUT_DIR)
+        raise
     return dict(results)
 
 
