@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,39 @@ def test_output_dir_guard(tmp_path: Path) -> None:
     prepare_output_dir(out, resume=True, overwrite=False)
     prepare_output_dir(out, resume=False, overwrite=True)
     assert not (out / "model_final.pth").exists()
+
+
+_SLOW_SAVE = """
+import sys, time
+from tbd.engine.checkpoint import atomic_torch_save
+
+class Slow:
+    def __reduce__(self):
+        print("writing", flush=True)
+        time.sleep(120)
+        return (int, (0,))
+
+atomic_torch_save({"model": {}, "x": Slow()}, sys.argv[1])
+"""
+
+
+def test_stale_temporary_of_a_killed_save_is_removed_at_start(tiny_coco: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SAVE, str(out / "model_0000002.pth")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
+    finally:
+        proc.kill()  # kill -9 in the middle of the write
+        proc.wait()
+    stale = list(out.glob(".model_0000002.pth.*.tmp"))
+    assert len(stale) == 1 and not (out / "model_0000002.pth").exists()
+    (out / f".last_checkpoint.{os.getppid()}.tmp").write_text("of a live process: kept")
+    Trainer(_tiny_cfg(tiny_coco, out), progress=False)
+    assert not stale[0].exists()
+    assert (out / f".last_checkpoint.{os.getppid()}.tmp").exists()

@@ -29,7 +29,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
 
 from tbd import compat
-from tbd.engine.checkpoint import AtomicDetectionCheckpointer
+from tbd.engine.checkpoint import AtomicDetectionCheckpointer, remove_stale_temporaries
 from tbd.engine.optim import build_optimizer
 from tbd.engine.progress import RichProgressHook
 
@@ -204,6 +204,8 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode, progress: bool = True) -> None:
         self._show_progress = progress
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        if comm.is_main_process():
+            remove_stale_temporaries(cfg.OUTPUT_DIR)  # of a save killed in a previous run
         super().__init__(cfg)
         model = self._trainer.model
         data_loader = self._trainer.data_loader
