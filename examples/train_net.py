@@ -46,9 +46,9 @@ def register_datasets(args):
 
 
 def setup(args):
-    train, val = register_datasets(args)
     if args.train_json and not args.config_file:
         raise SystemExit("with your own data, pass your student's config: --config-file student.yaml")
+    train, val = register_datasets(args)
     cfg = get_cfg()  # Detectron2's defaults + tbd's keys (DISTILL.*: TBD)
     cfg.merge_from_file(args.config_file or str(CONFIG_DIR / "retinanet_R18_FPN.yaml"))
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), (val,)

@@ -306,3 +306,33 @@ def test_resume_from_periodic_checkpoint_is_exact_with_adamw_flips_workers_mixed
     state = resumed.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in reference.items())
     assert sum(waiting.sizes) > 0, "no image was left waiting in a bucket: the case is not covered"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_replayed_grouping_matches_detectron2_grouping(rank: int) -> None:
+    from detectron2.data.common import AspectRatioGroupedDataset
+
+    from tbd.engine.data import ResumableTrainingSampler, replay_grouping
+
+    rng = np.random.default_rng(rank)
+    bucket = (rng.random(37) < 0.3).astype(np.int8)  # 0: landscape, 1: portrait
+    sampler = ResumableTrainingSampler(len(bucket), seed=3)
+    sampler._rank, sampler._world_size = rank, 2  # process `rank` of two
+
+    def element(item: tuple[int, int]) -> dict:
+        landscape = bucket[item[1]] == 0
+        return {"width": 60 if landscape else 40, "height": 40 if landscape else 60, "item": item}
+
+    stream = (element(item) for item in sampler)
+    grouped = AspectRatioGroupedDataset(stream, batch_size=4)
+    batches = iter(grouped)
+    for _ in range(25):
+        next(batches)
+    read, waiting = replay_grouping(sampler, bucket, batch_size=4, batches=25)
+    # the bucket just yielded is emptied when the next batch is asked for
+    assert waiting == [[d["item"] for d in b] if len(b) < 4 else [] for b in grouped._buckets]
+    assert any(waiting)
+    first_unread = next(iter(sampler))  # skip is untouched by the replay
+    sampler.skip = read
+    assert next(iter(sampler)) == next(stream)["item"]
+    assert first_unread[0] == rank

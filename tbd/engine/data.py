@@ -73,8 +73,12 @@ class PositionSeededDataset(torch.utils.data.Dataset):
         self._dicts = DatasetFromList(dicts, copy=False)
         self._mapper = mapper
         self._seed = seed
-        # Detectron2's AspectRatioGroupedDataset: bucket 0 if width > height, else 1
-        self.bucket = np.array([0 if d["width"] > d["height"] else 1 for d in dicts], dtype=np.int8)
+        # Detectron2's AspectRatioGroupedDataset: bucket 0 if width > height, else 1 (it needs the
+        # sizes; without aspect-ratio grouping they may be absent)
+        sized = all("width" in d and "height" in d for d in dicts)
+        self.bucket = (
+            np.array([0 if d["width"] > d["height"] else 1 for d in dicts], dtype=np.int8) if sized else None
+        )
 
     def __len__(self) -> int:
         return len(self._dicts)

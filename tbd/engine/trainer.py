@@ -292,7 +292,7 @@ class Trainer(DefaultTrainer):
             logger.warning("resume: cannot find the training sampler; data order restarts")
             return
         per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        if isinstance(loader, AspectRatioGroupedDataset):
+        if isinstance(loader, AspectRatioGroupedDataset) and dataset.bucket is not None:
             # batches are not runs of consecutive images: replay the grouping, refill the buckets
             sampler.skip, waiting = replay_grouping(sampler, dataset.bucket, per_process, start_iter)
             for bucket, items in zip(loader._buckets, waiting):
