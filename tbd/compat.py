@@ -45,6 +45,20 @@ class MissingExtensionOp:
 
 
 class _MissingExtensionModule(types.ModuleType):
+    """``detectron2._C`` when it was not built: its ops fail clearly, its build queries say "not built".
+
+    ``collect_env_info`` (called by ``default_setup``) asks the extension how it was compiled.
+    """
+
+    def get_compiler_version(self) -> str:
+        return "not built (detectron2._C is absent; tbd.compat stands in for it)"
+
+    def get_cuda_version(self) -> str:
+        return "not built (detectron2._C is absent)"
+
+    def has_cuda(self) -> bool:
+        return False
+
     def __getattr__(self, item: str) -> Any:
         if item.startswith("__"):
             raise AttributeError(item)

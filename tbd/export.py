@@ -53,6 +53,23 @@ def detectron2_only(cfg: CfgNode) -> CfgNode:
     return prune(cfg, base)
 
 
+def student_config_yaml(run_cfg: CfgNode) -> str:
+    """The student's config as YAML: Detectron2's keys only for a Detectron2 architecture.
+
+    Plain Detectron2 (``get_cfg().merge_from_file``) loads it for RetinaNet / Faster R-CNN on a
+    Detectron2 backbone; a tbd head (TOOD, ET, DW, FCOSDetector) or a tbd backbone (MobileNetV2)
+    keeps its tbd keys and needs ``import tbd.modeling`` to be registered.
+    """
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+    cfg = student_cfg(run_cfg)
+    cfg.MODEL.WEIGHTS = ""
+    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)
+    native = arch.__module__.startswith("detectron2.") and backbone.__module__.startswith("detectron2.")
+    return (detectron2_only(cfg) if native else cfg).dump()
+
+
 def load_student_state(checkpoint: str | Path) -> dict[str, Any]:
     data = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
     model = data.get("model", data) if isinstance(data, dict) else data
@@ -60,26 +77,13 @@ def load_student_state(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def export_student(run_cfg: CfgNode, checkpoint: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``model_student.pth`` and ``config_student.yaml`` into ``out_dir``.
-
-    The config keeps only Detectron2's keys when the student is a Detectron2 architecture on a
-    Detectron2 backbone, so plain Detectron2 builds it; a tbd head (TOOD, ET, DW, FCOSDetector) or
-    a tbd backbone (MobileNetV2) keeps its tbd keys and needs ``import tbd.modeling`` to be
-    registered.
-    """
-    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
-
+    """Write ``model_student.pth`` and ``config_student.yaml`` (:func:`student_config_yaml`) into ``out_dir``."""
     from tbd.engine.checkpoint import atomic_torch_save, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = student_cfg(run_cfg)
-    cfg.MODEL.WEIGHTS = ""
-    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-    backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)
-    native = arch.__module__.startswith("detectron2.") and backbone.__module__.startswith("detectron2.")
     weights = out / "model_student.pth"
     config = out / "config_student.yaml"
     atomic_torch_save({"model": load_student_state(checkpoint), "__author__": "tbd export"}, weights)
-    atomic_write_text(config, (detectron2_only(cfg) if native else cfg).dump())
+    atomic_write_text(config, student_config_yaml(run_cfg))
     return weights, config

@@ -147,3 +147,15 @@ def test_create_ddp_model_works_on_cpu(tmp_path) -> None:
     launch(_ddp_worker, 2, dist_url="auto", args=(str(tmp_path),))
     for rank in (0, 1):
         assert (tmp_path / f"ddp{rank}.txt").read_text() == "True DistributedDataParallel"
+
+
+@pytest.mark.skipif(compat.has_compiled_ops(), reason="a compiled detectron2._C is installed")
+def test_collect_env_info_reports_the_missing_extension() -> None:
+    # default_setup() of every train_net.py logs collect_env_info(), which queries the extension
+    import detectron2._C as ext
+    from detectron2.utils.collect_env import collect_env_info
+
+    assert ext.has_cuda() is False
+    info = collect_env_info()
+    assert "not built (detectron2._C is absent" in info
+    assert "PyTorch" in info

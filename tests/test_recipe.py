@@ -1,9 +1,13 @@
-"""The README recipe, run as written (on the embedded dataset, shrunk to two iterations)."""
+"""The README recipe is ``examples/train_net.py``, run as a user runs it; its export loads without tbd."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,68 +15,136 @@ import torch
 import tbd  # noqa: F401
 from tbd.config import CONFIG_DIR, PROJECT_ROOT, load_config
 
-MARKER = "trainer = DistillTrainer(cfg)"
+EXAMPLE = PROJECT_ROOT / "examples" / "train_net.py"
 
 
-def _recipe_code() -> str:
+def _readme_block(marker: str) -> str:
     readme = (PROJECT_ROOT / "README.md").read_text()
-    block = readme.split("<!-- recipe:start -->", 1)[1].split("<!-- recipe:end -->", 1)[0]
+    block = readme.split(f"<!-- {marker}:start -->", 1)[1].split(f"<!-- {marker}:end -->", 1)[0]
     code = re.findall(r"```python\n(.*?)```", block, flags=re.S)
-    assert len(code) == 1, "the recipe block holds exactly one python snippet"
-    assert MARKER in code[0]
+    assert code, f"no python snippet between the {marker} markers"
     return code[0]
 
 
-def test_recipe_is_a_handful_of_lines() -> None:
-    lines = [ln for ln in _recipe_code().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    assert len(lines) <= 20
+def test_readme_recipe_is_the_example_program() -> None:
+    assert _readme_block("recipe") == EXAMPLE.read_text()
 
 
-@pytest.fixture
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _env() -> dict[str, str]:
+    path = [str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "OMP_NUM_THREADS": "1"}
 
 
-def test_recipe_runs(tmp_path, monkeypatch, _one_thread) -> None:
-    from tbd.data import register_shapes
-
-    register_shapes(root=tmp_path / "data", num_train=8, num_val=2, image_size=64)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "configs").symlink_to(CONFIG_DIR)
-    # the teacher checkpoint the recipe names (an untrained R-50 RetinaNet)
-    teacher = load_config("retinanet_R50_FPN")
-    teacher.MODEL.META_ARCHITECTURE = "RetinaNet"
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``python train_net.py --num-gpus 2`` from a temporary directory, on tiny COCO data, 2 iterations."""
+    from conftest import write_tiny_coco
     from detectron2.modeling import build_model
 
-    (tmp_path / "output" / "teacher_r50").mkdir(parents=True)
-    torch.save({"model": build_model(teacher).state_dict()}, tmp_path / "output/teacher_r50/model_final.pth")
+    work = tmp_path_factory.mktemp("user")
+    json_path, images = write_tiny_coco(work / "data", num_images=8, size=64)
+    teacher = load_config("retinanet_R50_FPN", ["MODEL.RETINANET.NUM_CLASSES", "2"])
+    torch.manual_seed(0)
+    torch.save({"model": build_model(teacher).state_dict()}, work / "teacher.pth")  # untrained R-50
+    argv = [
+        sys.executable, str(EXAMPLE), "--num-gpus", "2", "--dist-url", "auto",
+        "--teacher-weights", "teacher.pth",
+        "--config-file", str(CONFIG_DIR / "retinanet_R18_FPN.yaml"),
+        "--train-json", "data/instances.json", "--train-images", "data/images",
+        "--val-json", "data/instances.json", "--val-images", "data/images",
+        "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "1",
+        "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+        "OUTPUT_DIR", "output",
+    ]  # fmt: skip
+    done = subprocess.run(argv, cwd=work, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return work
 
-    setup, run = _recipe_code().split(MARKER)
-    scope: dict = {}
-    exec(compile(setup, "README-recipe", "exec"), scope)
-    cfg = scope["cfg"]
-    cfg.merge_from_list(
-        [
-            "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
-            "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()",
-            "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-            "OUTPUT_DIR", str(tmp_path / "output" / "run"),
-        ]
-    )  # fmt: skip
-    exec(compile(MARKER + run, "README-recipe", "exec"), scope)
 
-    trainer = scope["trainer"]
-    teacher_params = {id(p) for p in trainer.model.teacher.parameters()}
-    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert optimized and not optimized & teacher_params
-    metrics = [json.loads(x) for x in (tmp_path / "output/run/metrics.json").read_text().splitlines()]
-    assert any("loss_hd" in m and "loss_tfd" in m and "tbd/tfd" in m for m in metrics)
+def test_example_distils_in_two_processes_and_exports_the_student(two_process_run: Path) -> None:
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
 
-    exported = torch.load(tmp_path / "output/student_r18_tbd.pth", weights_only=False)["model"]
-    student_cfg = load_config("retinanet_R18_FPN")
-    build_model(student_cfg).load_state_dict(exported, strict=True)
-    final = torch.load(tmp_path / "output/run/model_final.pth", weights_only=False)["model"]
+    out = two_process_run / "output"
+    assert (out / "log.txt").is_file() and (out / "log.txt.rank1").is_file()  # default_setup, 2 ranks
+    log = (out / "log.txt").read_text()
+    assert "Rank of current process: 0. World size: 2" in log
+    metrics = [json.loads(x) for x in (out / "metrics.json").read_text().splitlines()]
+    assert any("loss_hd" in m and "loss_tfd" in m for m in metrics)
+
+    final = torch.load(out / "model_final.pth", weights_only=False)["model"]
     assert any(k.startswith("adapters.") for k in final) and any(k.startswith("twg.") for k in final)
+    exported = torch.load(out / "model_student.pth", weights_only=False)["model"]
+    assert set(exported) == {k[len("student.") :] for k in final if k.startswith("student.")}
+    assert all(torch.equal(v, final[f"student.{k}"]) for k, v in exported.items())
+
+    cfg = get_cfg()  # Detectron2's own, no tbd keys
+    cfg.merge_from_file(str(out / "model_student.yaml"))
+    assert cfg.MODEL.META_ARCHITECTURE == "RetinaNet" and cfg.MODEL.RETINANET.NUM_CLASSES == 2
+    build_model(cfg).load_state_dict(exported, strict=True)
+
+
+_PLAIN_CHECK = """
+import torch
+
+image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+with torch.no_grad():
+    inst = model([{"image": image}])[0]["instances"]
+assert "tbd" not in sys.modules, "tbd was imported"
+torch.save({"boxes": inst.pred_boxes.tensor, "scores": inst.scores}, "plain_out.pth")
+"""
+
+
+def test_exported_student_loads_in_plain_detectron2_as_the_readme_says(two_process_run: Path) -> None:
+    script = _readme_block("plain-load") + _PLAIN_CHECK
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=two_process_run,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # tbd is not on the path
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain = torch.load(two_process_run / "plain_out.pth")
+
+    # the same student inside tbd: the distiller's checkpoint, evaluated through TBDistiller
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    run_cfg = load_config(two_process_run / "output" / "config.yaml")
+    distiller = build_model(run_cfg).eval()
+    DetectionCheckpointer(distiller).load(str(two_process_run / "output" / "model_final.pth"))
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        inst = distiller([{"image": image}])[0]["instances"]
+    assert torch.equal(inst.pred_boxes.tensor, plain["boxes"]) and torch.equal(inst.scores, plain["scores"])
+
+
+def test_export_student_unwraps_distributed_data_parallel(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from detectron2.modeling import build_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tbd.distill import TBDistiller, export_student
+
+    cfg = load_config(
+        "retinanet_R18_FPN",
+        ["MODEL.RETINANET.NUM_CLASSES", "2", "DISTILL.TEACHER_CONFIG", "retinanet_R18_FPN"]
+        + ["DISTILL.TEACHER_OPTS", "['MODEL.RETINANET.NUM_CLASSES', '2']"],
+    )
+    distiller = TBDistiller.from_student(cfg, build_model(cfg))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(distiller)
+        with pytest.raises(AttributeError):
+            wrapped.export_student  # noqa: B018  (what the old recipe called)
+        assert export_student(wrapped, tmp_path / "student.pth", cfg)
+    finally:
+        dist.destroy_process_group()
+    saved = torch.load(tmp_path / "student.pth", weights_only=False)["model"]
+    student = distiller.student.state_dict()
+    assert saved.keys() == student.keys() and all(torch.equal(saved[k], student[k]) for k in saved)
+    assert "DISTILL" not in (tmp_path / "student.yaml").read_text()

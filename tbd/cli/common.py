@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -312,17 +313,50 @@ def quiet_warnings() -> None:
 
 
 def setup_logging(output_dir: Path, quiet_console: bool = True) -> None:
-    """Detectron2's logger into ``output_dir/log.txt``; only warnings on the console."""
+    """Detectron2's, fvcore's and tbd's loggers into ``output_dir/log.txt``; warnings on the console.
+
+    Every record is written and flushed as it is logged (the file holds everything up to a crash).
+    A later call (the student after the teacher, in one process) moves the file to its new run.
+    """
     from detectron2.utils import comm
     from detectron2.utils.logger import setup_logger
 
     rank = comm.get_rank()
-    for name in ("detectron2", "fvcore", "tbd"):
-        logger = setup_logger(output=str(output_dir), distributed_rank=rank, name=name, abbrev_name=name[:3])
-        if quiet_console:
-            for h in logger.handlers:
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                    h.setLevel(logging.WARNING)
+    name = "log.txt" if rank == 0 else f"log.txt.rank{rank}"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_log = logging.FileHandler(output_dir / name, mode="a", encoding="utf-8")
+    run_log.setFormatter(
+        logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s", datefmt="%m/%d %H:%M:%S")
+    )
+    run_log.setLevel(logging.DEBUG)
+    run_log._tbd_run_log = True  # type: ignore[attr-defined]
+    for logger_name in ("detectron2", "fvcore", "tbd"):
+        # console only (cached by Detectron2: called again, it adds nothing)
+        logger = setup_logger(distributed_rank=rank, name=logger_name, abbrev_name=logger_name[:3])
+        for h in list(logger.handlers):
+            if getattr(h, "_tbd_run_log", False):  # the previous run's file
+                logger.removeHandler(h)
+                h.close()
+            elif _is_console(h):
+                h.setLevel(logging.WARNING if quiet_console else logging.DEBUG)
+        logger.addHandler(run_log)
+    file_only = logging.getLogger(RUN_LOG_ONLY)
+    file_only.propagate = False
+    for h in list(file_only.handlers):
+        file_only.removeHandler(h)
+    file_only.addHandler(run_log)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    """A stream handler that does not write to a file (Detectron2's own log file is a plain stream)."""
+    if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+        return False
+    name = getattr(handler.stream, "name", None)
+    return not (isinstance(name, str) and os.path.isfile(name))
+
+
+#: a logger that writes to the run's log.txt only (e.g. a failure the console reports anyway)
+RUN_LOG_ONLY = "tbd_run_log"
 
 
 def launch_workers(main: Callable[..., Any], args: argparse.Namespace, *fn_args: Any) -> None:

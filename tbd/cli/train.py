@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +75,17 @@ def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     register_all()
     common.resolve_datasets(args)
     common.setup_logging(Path(cfg.OUTPUT_DIR))
-    trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False))
     try:
-        trainer.resume_or_load(resume=args.resume)
-    except WeightsError as err:
-        if comm.is_main_process():
-            console.print(f"[bold red]initial weights:[/] {err}", soft_wrap=True)
-        raise SystemExit(2) from None
-    report = getattr(trainer, "initial_weights_report", None)
-    if report is not None and comm.is_main_process():
-        console.print(report.summary(), soft_wrap=True)
-    try:
+        trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False))
+        try:
+            trainer.resume_or_load(resume=args.resume)
+        except WeightsError as err:
+            if comm.is_main_process():
+                console.print(f"[bold red]initial weights:[/] {err}", soft_wrap=True)
+            raise SystemExit(2) from None
+        report = getattr(trainer, "initial_weights_report", None)
+        if report is not None and comm.is_main_process():
+            console.print(report.summary(), soft_wrap=True)
         trainer.train()
         results = getattr(trainer, "_last_eval_results", None) or {}
     except NonFiniteLossError as err:
@@ -98,6 +99,9 @@ def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
                 "Run the same command with --resume to continue.[/]"
             )
         raise SystemExit(130) from None
+    except Exception:
+        logging.getLogger(common.RUN_LOG_ONLY).exception("run in %s failed", cfg.OUTPUT_DIR)
+        raise
     return dict(results)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .adapters import FeatureAdapters
 from .config import add_tbd_config, validate_tbd_config
-from .distiller import TBDistiller, build_student, build_teacher, teacher_config
+from .distiller import TBDistiller, build_student, build_teacher, export_student, teacher_config, unwrap_model
 from .losses import (
     TaskMaps,
     feature_distance,
@@ -31,6 +31,7 @@ __all__ = [
     "build_student",
     "build_teacher",
     "classification_probability",
+    "export_student",
     "feature_distance",
     "get_probe_adapter",
     "harmony_distillation_loss",
@@ -42,6 +43,7 @@ __all__ = [
     "regression_probability",
     "teacher_config",
     "tfd_loss",
+    "unwrap_model",
     "validate_tbd_config",
     "weighted_spatial_mean",
 ]

@@ -255,8 +255,11 @@ class TBDistiller(nn.Module):
         return self.student.state_dict()
 
     def export_student(self, path: str | os.PathLike) -> None:
-        """Write a plain student checkpoint (``{"model": ...}``, DetectionCheckpointer's format)."""
-        torch.save({"model": {k: v.detach().cpu() for k, v in self.student_state_dict().items()}}, path)
+        """Write a plain student checkpoint (``{"model": ...}``, DetectionCheckpointer's format).
+
+        Under DistributedDataParallel use :func:`export_student` (the wrapper hides this method).
+        """
+        export_student(self, path)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: list[dict[str, Any]]) -> Any:
@@ -444,3 +447,35 @@ def build_teacher(cfg: CfgNode) -> tuple[nn.Module, str]:
     else:
         load_teacher_weights(teacher, weights)
     return teacher, t_cfg.INPUT.FORMAT
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` / ``DataParallel`` (the model itself otherwise)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def export_student(model: nn.Module, path: str | os.PathLike, cfg: CfgNode | None = None) -> bool:
+    """Write the student of ``model`` as a plain Detectron2 checkpoint (``{"model": state_dict}``).
+
+    ``model`` is a :class:`TBDistiller` (the student alone is written: no teacher, adapters or
+    TWG), a plain detector (written whole), or either wrapped in DistributedDataParallel, e.g.
+    ``trainer.model``. With ``cfg`` (the training config) the student's config is written beside
+    it as ``<path without suffix>.yaml``, loadable by plain Detectron2 for a Detectron2
+    architecture (:func:`tbd.export.student_config_yaml`). In a multi-process run call it in
+    every process: only the main process writes (atomically); returns whether this one wrote.
+    """
+    from detectron2.utils import comm
+
+    from tbd.engine.checkpoint import atomic_torch_save, atomic_write_text
+    from tbd.export import student_config_yaml
+
+    inner = unwrap_model(model)
+    state = inner.student_state_dict() if isinstance(inner, TBDistiller) else inner.state_dict()
+    if not comm.is_main_process():
+        return False
+    atomic_torch_save({"model": {k: v.detach().cpu() for k, v in state.items()}}, path)
+    if cfg is not None:
+        atomic_write_text(os.path.splitext(os.fspath(path))[0] + ".yaml", student_config_yaml(cfg))
+    return True

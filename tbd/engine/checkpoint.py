@@ -44,6 +44,37 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             tmp.unlink()
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporaries that :func:`atomic_torch_save` / :func:`atomic_write_text` left behind.
+
+    A process killed (``kill -9``, out of memory) while writing leaves ``.<name>.<pid>.tmp``; the
+    file it was replacing is intact. Files of a process that is still running are kept.
+    """
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp"):
+        pid = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _process_alive(int(pid))):
+            continue
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(tmp)
+    if removed:
+        logger.info("removed %d stale temporary file(s) of an interrupted save: %s", len(removed), removed)
+    return removed
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -11,18 +11,17 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import signal
 import time
 import weakref
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_train_loader
-from detectron2.data.samplers import TrainingSampler
+from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.data.common import AspectRatioGroupedDataset
 from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -30,7 +29,8 @@ from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_st
 from torch.nn.parallel import DistributedDataParallel
 
 from tbd import compat
-from tbd.engine.checkpoint import AtomicDetectionCheckpointer
+from tbd.engine.checkpoint import AtomicDetectionCheckpointer, remove_stale_temporaries
+from tbd.engine.data import PositionSeededDataset, ResumableTrainingSampler, replay_grouping
 from tbd.engine.optim import build_optimizer
 from tbd.engine.progress import RichProgressHook
 
@@ -52,21 +52,6 @@ class TrainingInterrupted(BaseException):
         super().__init__(f"interrupted after iteration {iteration}; saved {checkpoint}")
         self.iteration = iteration
         self.checkpoint = checkpoint
-
-
-class ResumableTrainingSampler(TrainingSampler):
-    """Detectron2's infinite shuffled sampler that can start part-way into its stream.
-
-    With the same seed, skipping ``start`` indices reproduces exactly the images a run that was
-    not interrupted would have seen next.
-    """
-
-    def __init__(self, size: int, shuffle: bool = True, seed: int | None = None, start: int = 0) -> None:
-        super().__init__(size, shuffle=shuffle, seed=seed)
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        yield from itertools.islice(self._infinite_indices(), self.start + self._rank, None, self._world_size)
 
 
 class GuardedTrainer(SimpleTrainer):
@@ -205,6 +190,8 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode, progress: bool = True) -> None:
         self._show_progress = progress
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        if comm.is_main_process():
+            remove_stale_temporaries(cfg.OUTPUT_DIR)  # of a save killed in a previous run
         super().__init__(cfg)
         model = self._trainer.model
         data_loader = self._trainer.data_loader
@@ -226,8 +213,15 @@ class Trainer(DefaultTrainer):
             proposal_files=None,
         )
         seed = cfg.SEED if cfg.SEED >= 0 else 0
-        sampler = ResumableTrainingSampler(len(dicts), seed=seed)
-        return build_detection_train_loader(cfg, dataset=dicts, sampler=sampler)
+        # each element is augmented with RNGs seeded by its stream position (exact resume)
+        return build_detection_train_loader(
+            dataset=PositionSeededDataset(dicts, DatasetMapper(cfg, True), seed),
+            mapper=None,
+            sampler=ResumableTrainingSampler(len(dicts), seed=seed),
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -263,6 +257,15 @@ class Trainer(DefaultTrainer):
         # last: a signal-triggered save sees the scheduler and metrics of the finished step
         return built + extra[::-1]
 
+    def train(self) -> Any:
+        # TorchScript helpers in the loss (fvcore's sigmoid_focal_loss_jit, Detectron2's box
+        # coders) run unoptimised for their first calls and then switch to an optimised graph whose
+        # backward differs in the last bits. A resumed process would restart that warm-up at its
+        # first iteration, so its steps would differ from an uninterrupted run's; run them always
+        # unoptimised (the eager numerics) so that resume is exact.
+        with torch.jit.optimized_execution(False):
+            return super().train()
+
     # --- resume -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         # Detectron2 0.6's DefaultTrainer leaves the optimizer (momentum) out of its checkpoints;
@@ -297,13 +300,20 @@ class Trainer(DefaultTrainer):
         """Restart the data stream where an uninterrupted run would be at ``start_iter``."""
         loader = self._trainer.data_loader
         sampler = _find_sampler(loader)
-        if sampler is None:
+        dataset = _find_dataset(loader)
+        if sampler is None or dataset is None:
             logger.warning("resume: cannot find the training sampler; data order restarts")
             return
         per_process = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        sampler.start = start_iter * per_process * comm.get_world_size()
+        if isinstance(loader, AspectRatioGroupedDataset) and dataset.bucket is not None:
+            # batches are not runs of consecutive images: replay the grouping, refill the buckets
+            sampler.skip, waiting = replay_grouping(sampler, dataset.bucket, per_process, start_iter)
+            for bucket, items in zip(loader._buckets, waiting):
+                bucket[:] = [dataset[item] for item in items]
+        else:
+            sampler.skip = start_iter * per_process
         self._trainer._data_loader_iter = iter(loader)
-        logger.info("resume: data stream continues at sample %d", sampler.start)
+        logger.info("resume: this process's data stream continues after %d images", sampler.skip)
 
 
 def _find_sampler(loader: Any) -> ResumableTrainingSampler | None:
@@ -314,6 +324,17 @@ def _find_sampler(loader: Any) -> ResumableTrainingSampler | None:
         sampler = getattr(obj, "sampler", None)
         if isinstance(sampler, ResumableTrainingSampler):
             return sampler
+        obj = getattr(obj, "dataset", None)
+        seen += 1
+    return None
+
+
+def _find_dataset(loader: Any) -> PositionSeededDataset | None:
+    seen = 0
+    obj = loader
+    while obj is not None and seen < 5:
+        if isinstance(obj, PositionSeededDataset):
+            return obj
         obj = getattr(obj, "dataset", None)
         seen += 1
     return None
