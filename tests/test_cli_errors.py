@@ -6,10 +6,12 @@ the problem *and* the way out (``docs/ERRORS.md`` lists every case and its messa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tbd.cli.common import prepare_output_dir
 from tbd.cli.main import main
@@ -314,7 +316,8 @@ def test_resume_without_checkpoint(capsys, tmp_path, data_dir, checkpoints) -> N
 @pytest.mark.parametrize(
     ("files", "what"),
     [({"model_final.pth": b"x", "last_checkpoint": b"model_final.pth"}, "a finished run"),
-     ({"metrics.json": b"{}\n"}, "an unfinished run")],
+     ({"model_0000009.pth": b"x", "last_checkpoint": b"model_0000009.pth", "metrics.json": b"{}\n"},
+      "an unfinished run")],
 )  # fmt: skip
 def test_output_dir_with_a_previous_run(capsys, tmp_path, data_dir, checkpoints, files, what) -> None:
     out = tmp_path / "run"
@@ -325,6 +328,44 @@ def test_output_dir_with_a_previous_run(capsys, tmp_path, data_dir, checkpoints,
     assert code == 2
     assert f"{out} already holds {what}. Pass --resume to continue it, --overwrite to replace it" in msg
     assert {p.name for p in out.iterdir()} == set(files)  # nothing of the old run touched
+
+
+def test_attempt_that_stopped_before_its_first_checkpoint_does_not_block(capsys, tmp_path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"iteration": 3}\n')
+    (out / "events.out.tfevents.1.host").write_bytes(b"x")
+    (out / "log.txt").write_text("the reason it stopped\n")
+    assert prepare_output_dir(out, resume=False, overwrite=False) == out
+    # its metrics/events would mix with the next run's; its log stays
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt"]
+    assert (
+        "removing metrics.json, events.out.tfevents.1.host of an earlier attempt" in capsys.readouterr().out
+    )
+
+
+def _read_only_place(tmp_path: Path) -> Path:
+    """A folder that cannot be created: under a read-only folder, or (as root, who may write anywhere
+    the permission bits forbid) under /sys, which does not take new folders."""
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    for place in (parent / "run", Path("/sys/tbd_run")):
+        try:
+            place.mkdir()
+        except OSError:
+            return place
+        place.rmdir()
+    pytest.skip("no read-only place to write to on this machine")
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_output_on_a_read_only_place(capsys, tmp_path, data_dir, checkpoints, command) -> None:
+    out = _read_only_place(tmp_path)
+    teacher = _user_teacher(checkpoints) if command == "distill" else []
+    code, msg = _cli(capsys, [command, *teacher, "--iters", "1", "-o", str(out), *_data_args(data_dir)])
+    assert code == 2 and f"error: cannot write to the output folder {out} (" in msg
+    assert "choose a writable --output" in msg and "Traceback" not in msg
 
 
 def test_resume_and_overwrite_together(capsys, tmp_path, data_dir, checkpoints) -> None:
@@ -406,3 +447,39 @@ def test_diverging_training_stops_with_a_message(capsys, tmp_path, data_dir) -> 
     assert code not in (0, None)
     assert "1 training steps in a row had a non-finite loss" in msg and "Lower SOLVER.BASE_LR" in msg
     assert not list((tmp_path / "run").glob("*.pth"))
+
+
+def test_unreadable_image_outside_the_decode_sample(capsys, tmp_path, data_dir, monkeypatch) -> None:
+    from conftest import write_tiny_coco
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    import tbd.data.validate
+
+    monkeypatch.setattr(tbd.data.validate, "DECODE_CHECK_LIMIT", 1)  # validation decodes 0000.png only
+    js, images = write_tiny_coco(tmp_path / "mine", num_images=4)
+    # JPEG: its size (and EXIF) come from the header alone, so only a full decode finds the damage
+    coco = json.loads(js.read_text())
+    for k, entry in enumerate(coco["images"]):
+        png = images / entry["file_name"]
+        entry["file_name"] = png.with_suffix(".jpg").name
+        Image.open(png).save(images / entry["file_name"])
+        if k > 0:  # every batch of 2 holds a damaged file
+            data = (images / entry["file_name"]).read_bytes()
+            (images / entry["file_name"]).write_bytes(data[: len(data) // 2])
+    js.write_text(json.dumps(coco))
+    out = tmp_path / "run"
+    argv = ["train", "--head", "retinanet", "--iters", "4", "-o", str(out)]
+    argv += ["--train-json", str(js), "--train-images", str(images), "--batch-size", "2", "--device", "cpu"]
+    before = set(DatasetCatalog.list())
+    try:
+        code, msg = _cli(capsys, argv)
+        assert code == 2
+        assert f"error: cannot read image {images}/000" in msg and "(OSError: " in msg
+        assert "remove it from the dataset's json" in msg and "Traceback" not in msg
+        # the failed attempt left no checkpoint, so the same --output is accepted again
+        assert not list(out.glob("*.pth"))
+        prepare_output_dir(out, resume=False, overwrite=False)
+    finally:
+        for name in set(DatasetCatalog.list()) - before:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.pop(name, None)

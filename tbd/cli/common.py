@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -187,9 +188,13 @@ def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool) -> Path:
     out = Path(path)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one")
-    has_run = out.is_dir() and any(
-        (out / name).exists() for name in (FINISHED_MARKER, "last_checkpoint", "metrics.json")
+    # only a checkpoint makes a run worth keeping: one that failed before its first has nothing to resume
+    has_run = out.is_dir() and (
+        any((out / name).exists() for name in (FINISHED_MARKER, "last_checkpoint"))
+        or any(out.glob("model_*.pth"))
     )
+    if not has_run and not resume:
+        _remove_attempt_without_checkpoint(out)
     if has_run and overwrite:
         shutil.rmtree(out)
     elif has_run and not resume:
@@ -201,8 +206,35 @@ def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool) -> Path:
         )
     elif resume and not (out / "last_checkpoint").exists():
         raise UsageError(f"--resume: {out} has no checkpoint to resume from (no last_checkpoint file)")
-    out.mkdir(parents=True, exist_ok=True)
+    _make_writable_dir(out)
     return out
+
+
+def _remove_attempt_without_checkpoint(out: Path) -> None:
+    """Metrics and events of an attempt that stopped before its first checkpoint (appending to
+    them would mix two runs); its log.txt stays and says why it stopped."""
+    stale = [out / "metrics.json", *out.glob("events.out.tfevents.*")] if out.is_dir() else []
+    stale = [p for p in stale if p.is_file()]
+    if stale:
+        console.print(
+            f"[dim]{out}: removing {', '.join(p.name for p in stale)} of an earlier attempt that stopped "
+            "before its first checkpoint[/]"
+        )
+        for p in stale:
+            p.unlink()
+
+
+def _make_writable_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".tbd-write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(
+            f"cannot write to the output folder {out} ({err.strerror or err}); choose a writable "
+            "--output (a read-only file system, or a folder you may not write to?)"
+        ) from err
 
 
 def quiet_warnings() -> None:
@@ -226,6 +258,18 @@ def setup_logging(output_dir: Path, quiet_console: bool = True) -> None:
             for h in logger.handlers:
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                     h.setLevel(logging.WARNING)
+                    if _not_reported_elsewhere not in h.filters:
+                        h.addFilter(_not_reported_elsewhere)
+
+
+def _not_reported_elsewhere(record: logging.LogRecord) -> bool:
+    """Console filter: an unreadable image is printed as one ``error:`` line by ``tbd``'s main, so
+    Detectron2's "Exception during training" traceback of it goes to log.txt only."""
+    from tbd.data.images import is_image_read_error
+
+    return not (
+        record.exc_info and record.exc_info[1] is not None and is_image_read_error(record.exc_info[1])
+    )
 
 
 def launch_workers(main: Callable[..., Any], args: argparse.Namespace, *fn_args: Any) -> None:

@@ -30,12 +30,20 @@ class ImageReadError(DatasetError):
     """
 
 
+_MARKER = f"{ImageReadError.__name__}: "
+
+
+def is_image_read_error(err: BaseException) -> bool:
+    """An :class:`ImageReadError`, also as re-raised by a DataLoader worker or a launched process
+    (``torch.multiprocessing`` passes on only the text of a child's traceback)."""
+    return isinstance(err, ImageReadError) or _MARKER + "cannot read image" in str(err)
+
+
 def image_read_message(err: BaseException) -> str:
-    """The message of an :class:`ImageReadError`, without a DataLoader worker's traceback around it."""
+    """The message of an :class:`ImageReadError`, without the worker tracebacks around it."""
     text = str(err)
-    marker = f"{ImageReadError.__name__}: "
-    if "Original Traceback" in text and marker in text:
-        text = text.rsplit(marker, 1)[1]
+    if _MARKER + "cannot read image" in text:
+        text = text.rsplit(_MARKER, 1)[1].strip().splitlines()[0]
     return re.sub(r"\s+", " ", text).strip()
 
 
