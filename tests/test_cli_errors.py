@@ -156,27 +156,89 @@ def test_teacher_weights_file_missing(capsys, tmp_path, data_dir, teacher_flag) 
     _assert_nothing_started(tmp_path / "run")
 
 
-@pytest.mark.parametrize(
-    ("weights", "config", "expected"),
-    [
-        # a teacher trained on another label space: the class count is the dataset's (8), not 3
-        ("3cls", "retinanet_R18_FPN", "head.cls_score.weight: (27, 128, 3, 3) vs (72, 128, 3, 3)"),
-        # R-18 weights given with an R-50 config
-        ("fits", "retinanet_R50_FPN", "model tensors are missing"),
-    ],
-    ids=["other-class-count", "other-depth"],
-)
-def test_teacher_weights_that_do_not_fit(
-    capsys, tmp_path, data_dir, checkpoints, weights, config, expected
-) -> None:
-    teacher = _user_teacher(checkpoints, weights, config)
+def test_teacher_weights_for_other_classes(capsys, tmp_path, data_dir, checkpoints) -> None:
+    # a teacher trained on another label space (3 classes); the data has 8 and the CLI sets the
+    # class count from the data, so "pass the config these weights were trained with" cannot help
+    teacher = _user_teacher(checkpoints, "3cls", "retinanet_R18_FPN")
     code, msg = _distill(
         capsys, tmp_path, data_dir, "--student", "r18", "--head", "retinanet", teacher=teacher
     )
     assert code == 2
-    assert f"teacher weights {checkpoints[weights]} do not fit its config" in msg and expected in msg
-    assert "Pass the config these weights were trained with" in msg
+    assert (
+        f"teacher weights {checkpoints['3cls']} were trained for 3 classes, but tbd_shapes_val has 8" in msg
+    )
+    assert "head.cls_score.weight: (27, 128, 3, 3) vs (72, 128, 3, 3)" in msg
+    assert "the teacher must be trained or fine-tuned on these 8 classes" in msg
+    assert "or use data whose categories are the 3 the weights were trained on" in msg
+    assert "Pass the config these weights were trained with" not in msg
     _assert_nothing_started(tmp_path / "run")
+
+
+def test_teacher_weights_of_another_depth(capsys, tmp_path, data_dir, checkpoints) -> None:
+    teacher = _user_teacher(checkpoints, "fits", "retinanet_R50_FPN")  # R-18 weights, R-50 config
+    code, msg = _distill(
+        capsys, tmp_path, data_dir, "--student", "r18", "--head", "retinanet", teacher=teacher
+    )
+    assert code == 2
+    assert f"teacher weights {checkpoints['fits']} do not fit its config" in msg
+    assert "model tensors are missing" in msg
+    assert "Pass the config these weights were trained with (backbone depth and head must match" in msg
+    _assert_nothing_started(tmp_path / "run")
+
+
+_EMPTY = (b"", "is an empty file")
+_TEXT = (
+    b"https://dl.fbaipublicfiles.com/detectron2/model_final.pkl\n",
+    "is a text file (it starts with b'http')",
+)
+_DAMAGED = (b"\x80\x04garbage", "cannot be read (UnpicklingError: ")
+
+
+@pytest.mark.parametrize(
+    ("command", "content", "expected"),
+    [("distill", *_EMPTY), ("distill", *_TEXT), ("distill", *_DAMAGED),
+     ("eval", *_EMPTY), ("eval", *_TEXT), ("eval", *_DAMAGED),
+     # train --weights: the first bytes are checked before training (the rest is Detectron2's load)
+     ("train", *_EMPTY), ("train", *_TEXT)],
+)  # fmt: skip
+def test_weights_file_that_is_no_checkpoint(
+    capsys, tmp_path, data_dir, checkpoints, command, content, expected
+) -> None:
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(content)
+    if command == "distill":
+        teacher = ["--teacher-config", "retinanet_R18_FPN", "--teacher-weights", str(weights)]
+        code, msg = _distill(capsys, tmp_path, data_dir, "--head", "retinanet", teacher=teacher)
+        what = "teacher"
+    elif command == "eval":
+        argv = ["eval", "--config", "retinanet_R18_FPN", "--weights", str(weights), *_data_args(data_dir)[:6]]
+        code, msg = _cli(capsys, argv)
+        what = "model"
+    else:
+        argv = ["train", "--weights", str(weights), "--iters", "1", "-o", str(tmp_path / "run")]
+        code, msg = _cli(capsys, [*argv, *_data_args(data_dir)])
+        what = "initial"
+    assert code == 2 and f"{what} weights {weights} {expected}" in msg and "Traceback" not in msg
+    assert "expected a PyTorch checkpoint (.pth" in msg and "or a Detectron2 model-zoo pickle (.pkl)" in msg
+
+
+@pytest.mark.parametrize(
+    ("shapes", "expected"),
+    [
+        # RetinaNet, 9 anchors: cls_score has 9 x classes outputs (model built for 8, file for 3)
+        ([("head.cls_score.weight", (27, 128, 3, 3), (72, 128, 3, 3)), ("head.cls_score.bias", (27,), (72,))], 3),
+        # Faster R-CNN: classes + 1 scores and 4 x classes box deltas (model for 8, file for 80)
+        ([("roi_heads.box_predictor.cls_score.weight", (81, 1024), (9, 1024)),
+          ("roi_heads.box_predictor.bbox_pred.weight", (320, 1024), (32, 1024))], 80),
+        # another width in a layer that has nothing to do with classes: not a class-count question
+        ([("backbone.fpn_lateral3.weight", (128, 256, 1, 1), (256, 256, 1, 1))], None),
+        ([("head.cls_score.weight", (27, 64, 3, 3), (72, 128, 3, 3))], None),
+    ],
+)  # fmt: skip
+def test_class_count_of_weights(shapes, expected) -> None:
+    from tbd.engine.checkpoint import class_count_of_weights
+
+    assert class_count_of_weights(shapes, 8) == expected
 
 
 def test_teacher_input_format_cannot_be_converted(capsys, tmp_path, data_dir, checkpoints) -> None:
@@ -422,7 +484,9 @@ def test_eval_weights_that_do_not_fit(capsys, tmp_path, data_dir, checkpoints) -
     argv += [*_data_args(data_dir)[:6], "--device", "cpu"]
     # no detections: should the check ever be lost again, the wrong evaluation stays quick
     code, msg = _cli(capsys, [*argv, "MODEL.RETINANET.SCORE_THRESH_TEST", "1.0"])
-    assert code == 2 and f"weights {weights} do not fit its config" in msg
+    assert (
+        code == 2 and f"model weights {weights} were trained for 3 classes, but tbd_shapes_val has 8" in msg
+    )
     assert not (tmp_path / "eval_results.json").exists()
 
 

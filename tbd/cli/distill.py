@@ -196,7 +196,14 @@ def check_pair(cfg: CfgNode) -> None:
 
     try:
         TBDistiller(cfg)
-    except (WeightsMismatchError, FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
+    except WeightsMismatchError as err:
+        from tbd.cli.weights import mismatch_advice
+
+        advice = mismatch_advice(
+            err, "teacher", common_num_classes(cfg.DATASETS.TEST[0]), cfg.DATASETS.TEST[0]
+        )
+        raise UsageError(f"the teacher/student pair cannot be used: {advice}") from err
+    except (FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
         raise UsageError(f"the teacher/student pair cannot be used: {err}") from err
 
 

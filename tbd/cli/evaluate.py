@@ -76,7 +76,13 @@ def evaluate(cfg_path: Path, weights: Path, args: argparse.Namespace) -> dict[st
             model.load_state_dict(load_student_state(weights))
         else:
             load_weights_checked(model, str(weights))
-    except (WeightsMismatchError, RuntimeError) as err:
+    except WeightsMismatchError as err:
+        from tbd.cli.weights import mismatch_advice
+        from tbd.data import num_classes
+
+        advice = mismatch_advice(err, "model", num_classes(test), test)
+        raise UsageError(f"cannot evaluate {weights} with {cfg_path}: {advice}") from err
+    except RuntimeError as err:
         raise UsageError(f"cannot evaluate {weights} with {cfg_path}: {err}") from err
     return dict(Trainer.test(cfg, model))
 

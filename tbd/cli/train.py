@@ -51,6 +51,13 @@ def build_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
     common.apply_common(cfg, args, train, test)
     if args.weights and "://" not in args.weights and not Path(args.weights).is_file():
         raise UsageError(f"--weights {args.weights} does not exist; pass a checkpoint file or a URL")
+    if args.weights:
+        from tbd.engine.checkpoint import UnreadableWeightsError, check_weights_file
+
+        try:
+            check_weights_file(args.weights, "initial")
+        except UnreadableWeightsError as err:
+            raise UsageError(str(err)) from err
     cfg.MODEL.WEIGHTS = args.weights or ""
     cfg.OUTPUT_DIR = str(args.output)
     return cfg
