@@ -63,18 +63,21 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dist-url", default="auto", help="e.g. tcp://10.0.0.1:29500; auto on one machine")
 
 
-def add_opts_arg(p: argparse.ArgumentParser) -> None:
+def add_opts_arg(p: argparse.ArgumentParser, help: str = "") -> None:
     p.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
         metavar="KEY VALUE",
-        help="Detectron2 config overrides, e.g. SOLVER.BASE_LR 0.02",
+        help=help or "Detectron2 config overrides, e.g. SOLVER.BASE_LR 0.02",
     )
 
 
 # --- datasets and configs ------------------------------------------------------------------
-def resolve_datasets(args: argparse.Namespace) -> tuple[str, str]:
-    """Register what the user named (again in each spawned worker) and return (train, test)."""
+def resolve_datasets(args: argparse.Namespace, need_train: bool = True) -> tuple[str, str]:
+    """Register what the user named (again in each spawned worker) and return (train, test).
+
+    ``need_train=False`` (eval, harmony): ``--val-json/--val-images`` alone are enough.
+    """
     import os
 
     from tbd.data import resolve_datasets as _resolve
@@ -92,6 +95,7 @@ def resolve_datasets(args: argparse.Namespace) -> tuple[str, str]:
                 "num_train": getattr(args, "num_train_images", 2000),
                 "num_val": getattr(args, "num_val_images", 200),
             },
+            need_train=need_train,
         )
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise UsageError(str(err)) from err
