@@ -68,7 +68,7 @@ _AT_64PX += ["INPUT.MAX_SIZE_TEST", "64"]
 # ------------------------------------------------------------------------------ --seed
 def _train(tmp_path: Path, data: dict[str, Any], name: str, seed: int) -> dict[str, torch.Tensor]:
     out = tmp_path / name
-    argv = ["train", "--head", "retinanet", "--iters", "2", "--seed", str(seed), "-o", str(out)]
+    argv = ["train", "--head", "retinanet", "--iters", "1", "--seed", str(seed), "-o", str(out)]
     assert main([*argv, *data["train"], *_SMALL, *_AT_64PX]) == 0
     return torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
 
@@ -84,10 +84,11 @@ def test_seed_makes_initialisation_and_training_repeatable(tmp_path: Path, data:
     first = _train(tmp_path, data, "a", seed=7)
     again = _train(tmp_path, data, "b", seed=7)
     other = _train(tmp_path, data, "c", seed=8)
-    # two runs in separate processes are bit-identical (docs/ERRORS.md); within one process CPU
-    # kernels leave last-bit differences (~1e-8 after two steps), so compare with a tolerance
-    assert _max_difference(first, again) < 1e-6
-    assert _max_difference(first, other) > 1e-3
+    # two runs in separate processes are bit-identical (the slow test below); within one process
+    # CPU kernels leave last-bit differences in the gradients, which AdamW's normalised steps can
+    # raise to the order of the learning rate (1e-4) on near-zero gradients
+    assert _max_difference(first, again) < 1e-3
+    assert _max_difference(first, other) > 1e-2
 
 
 # ------------------------------------------------------------------------------ a distillation run
