@@ -22,6 +22,10 @@ def _register_weight_names() -> None:
 
 _register_weight_names()
 
+from tbd.data.images import install_reader  # noqa: E402  (after the shims: it imports detectron2)
+
+install_reader()  # 16-bit greyscale images scaled to 8 bits; unreadable image files named
+
 _LAZY = {
     "add_tbd_config": ("tbd.distill.config", "add_tbd_config"),
     "get_cfg": ("tbd.config", "get_cfg"),

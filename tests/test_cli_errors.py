@@ -6,10 +6,13 @@ the problem *and* the way out (``docs/ERRORS.md`` lists every case and its messa
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tbd.cli.common import prepare_output_dir
 from tbd.cli.main import main
@@ -70,6 +73,12 @@ def _cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]
     code = main(argv)
     captured = capsys.readouterr()
     return code, " ".join((captured.out + captured.err).split())
+
+
+def _tracebacks(msg: str) -> int:
+    """Tracebacks in the output, not counting logging's own ``--- Logging error ---`` reports (a
+    Detectron2 log handler set up by an earlier test may still write to that test's closed capture)."""
+    return re.sub(r"--- Logging error ---.*?Arguments: \([^)]*\)", "", msg).count("Traceback")
 
 
 def _distill(
@@ -154,27 +163,89 @@ def test_teacher_weights_file_missing(capsys, tmp_path, data_dir, teacher_flag) 
     _assert_nothing_started(tmp_path / "run")
 
 
-@pytest.mark.parametrize(
-    ("weights", "config", "expected"),
-    [
-        # a teacher trained on another label space: the class count is the dataset's (8), not 3
-        ("3cls", "retinanet_R18_FPN", "head.cls_score.weight: (27, 128, 3, 3) vs (72, 128, 3, 3)"),
-        # R-18 weights given with an R-50 config
-        ("fits", "retinanet_R50_FPN", "model tensors are missing"),
-    ],
-    ids=["other-class-count", "other-depth"],
-)
-def test_teacher_weights_that_do_not_fit(
-    capsys, tmp_path, data_dir, checkpoints, weights, config, expected
-) -> None:
-    teacher = _user_teacher(checkpoints, weights, config)
+def test_teacher_weights_for_other_classes(capsys, tmp_path, data_dir, checkpoints) -> None:
+    # a teacher trained on another label space (3 classes); the data has 8 and the CLI sets the
+    # class count from the data, so "pass the config these weights were trained with" cannot help
+    teacher = _user_teacher(checkpoints, "3cls", "retinanet_R18_FPN")
     code, msg = _distill(
         capsys, tmp_path, data_dir, "--student", "r18", "--head", "retinanet", teacher=teacher
     )
     assert code == 2
-    assert f"teacher weights {checkpoints[weights]} do not fit its config" in msg and expected in msg
-    assert "Pass the config these weights were trained with" in msg
+    assert (
+        f"teacher weights {checkpoints['3cls']} were trained for 3 classes, but tbd_shapes_val has 8" in msg
+    )
+    assert "head.cls_score.weight: (27, 128, 3, 3) vs (72, 128, 3, 3)" in msg
+    assert "the teacher must be trained or fine-tuned on these 8 classes" in msg
+    assert "or use data whose categories are the 3 the weights were trained on" in msg
+    assert "Pass the config these weights were trained with" not in msg
     _assert_nothing_started(tmp_path / "run")
+
+
+def test_teacher_weights_of_another_depth(capsys, tmp_path, data_dir, checkpoints) -> None:
+    teacher = _user_teacher(checkpoints, "fits", "retinanet_R50_FPN")  # R-18 weights, R-50 config
+    code, msg = _distill(
+        capsys, tmp_path, data_dir, "--student", "r18", "--head", "retinanet", teacher=teacher
+    )
+    assert code == 2
+    assert f"teacher weights {checkpoints['fits']} do not fit its config" in msg
+    assert "model tensors are missing" in msg
+    assert "Pass the config these weights were trained with (backbone depth and head must match" in msg
+    _assert_nothing_started(tmp_path / "run")
+
+
+_EMPTY = (b"", "is an empty file")
+_TEXT = (
+    b"https://dl.fbaipublicfiles.com/detectron2/model_final.pkl\n",
+    "is a text file (it starts with b'http')",
+)
+_DAMAGED = (b"\x80\x04garbage", "cannot be read (UnpicklingError: ")
+
+
+@pytest.mark.parametrize(
+    ("command", "content", "expected"),
+    [("distill", *_EMPTY), ("distill", *_TEXT), ("distill", *_DAMAGED),
+     ("eval", *_EMPTY), ("eval", *_TEXT), ("eval", *_DAMAGED),
+     # train --weights: the first bytes are checked before training (the rest is Detectron2's load)
+     ("train", *_EMPTY), ("train", *_TEXT)],
+)  # fmt: skip
+def test_weights_file_that_is_no_checkpoint(
+    capsys, tmp_path, data_dir, checkpoints, command, content, expected
+) -> None:
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(content)
+    if command == "distill":
+        teacher = ["--teacher-config", "retinanet_R18_FPN", "--teacher-weights", str(weights)]
+        code, msg = _distill(capsys, tmp_path, data_dir, "--head", "retinanet", teacher=teacher)
+        what = "teacher"
+    elif command == "eval":
+        argv = ["eval", "--config", "retinanet_R18_FPN", "--weights", str(weights), *_data_args(data_dir)[:6]]
+        code, msg = _cli(capsys, argv)
+        what = "model"
+    else:
+        argv = ["train", "--weights", str(weights), "--iters", "1", "-o", str(tmp_path / "run")]
+        code, msg = _cli(capsys, [*argv, *_data_args(data_dir)])
+        what = "initial"
+    assert code == 2 and f"{what} weights {weights} {expected}" in msg and not _tracebacks(msg)
+    assert "expected a PyTorch checkpoint (.pth" in msg and "or a Detectron2 model-zoo pickle (.pkl)" in msg
+
+
+@pytest.mark.parametrize(
+    ("shapes", "expected"),
+    [
+        # RetinaNet, 9 anchors: cls_score has 9 x classes outputs (model built for 8, file for 3)
+        ([("head.cls_score.weight", (27, 128, 3, 3), (72, 128, 3, 3)), ("head.cls_score.bias", (27,), (72,))], 3),
+        # Faster R-CNN: classes + 1 scores and 4 x classes box deltas (model for 8, file for 80)
+        ([("roi_heads.box_predictor.cls_score.weight", (81, 1024), (9, 1024)),
+          ("roi_heads.box_predictor.bbox_pred.weight", (320, 1024), (32, 1024))], 80),
+        # another width in a layer that has nothing to do with classes: not a class-count question
+        ([("backbone.fpn_lateral3.weight", (128, 256, 1, 1), (256, 256, 1, 1))], None),
+        ([("head.cls_score.weight", (27, 64, 3, 3), (72, 128, 3, 3))], None),
+    ],
+)  # fmt: skip
+def test_class_count_of_weights(shapes, expected) -> None:
+    from tbd.engine.checkpoint import class_count_of_weights
+
+    assert class_count_of_weights(shapes, 8) == expected
 
 
 def test_teacher_input_format_cannot_be_converted(capsys, tmp_path, data_dir, checkpoints) -> None:
@@ -314,7 +385,8 @@ def test_resume_without_checkpoint(capsys, tmp_path, data_dir, checkpoints) -> N
 @pytest.mark.parametrize(
     ("files", "what"),
     [({"model_final.pth": b"x", "last_checkpoint": b"model_final.pth"}, "a finished run"),
-     ({"metrics.json": b"{}\n"}, "an unfinished run")],
+     ({"model_0000009.pth": b"x", "last_checkpoint": b"model_0000009.pth", "metrics.json": b"{}\n"},
+      "an unfinished run")],
 )  # fmt: skip
 def test_output_dir_with_a_previous_run(capsys, tmp_path, data_dir, checkpoints, files, what) -> None:
     out = tmp_path / "run"
@@ -325,6 +397,44 @@ def test_output_dir_with_a_previous_run(capsys, tmp_path, data_dir, checkpoints,
     assert code == 2
     assert f"{out} already holds {what}. Pass --resume to continue it, --overwrite to replace it" in msg
     assert {p.name for p in out.iterdir()} == set(files)  # nothing of the old run touched
+
+
+def test_attempt_that_stopped_before_its_first_checkpoint_does_not_block(capsys, tmp_path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"iteration": 3}\n')
+    (out / "events.out.tfevents.1.host").write_bytes(b"x")
+    (out / "log.txt").write_text("the reason it stopped\n")
+    assert prepare_output_dir(out, resume=False, overwrite=False) == out
+    # its metrics/events would mix with the next run's; its log stays
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt"]
+    assert (
+        "removing metrics.json, events.out.tfevents.1.host of an earlier attempt" in capsys.readouterr().out
+    )
+
+
+def _read_only_place(tmp_path: Path) -> Path:
+    """A folder that cannot be created: under a read-only folder, or (as root, who may write anywhere
+    the permission bits forbid) under /sys, which does not take new folders."""
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    for place in (parent / "run", Path("/sys/tbd_run")):
+        try:
+            place.mkdir()
+        except OSError:
+            return place
+        place.rmdir()
+    pytest.skip("no read-only place to write to on this machine")
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_output_on_a_read_only_place(capsys, tmp_path, data_dir, checkpoints, command) -> None:
+    out = _read_only_place(tmp_path)
+    teacher = _user_teacher(checkpoints) if command == "distill" else []
+    code, msg = _cli(capsys, [command, *teacher, "--iters", "1", "-o", str(out), *_data_args(data_dir)])
+    assert code == 2 and f"error: cannot write to the output folder {out} (" in msg
+    assert "choose a writable --output" in msg and not _tracebacks(msg)
 
 
 def test_resume_and_overwrite_together(capsys, tmp_path, data_dir, checkpoints) -> None:
@@ -381,7 +491,9 @@ def test_eval_weights_that_do_not_fit(capsys, tmp_path, data_dir, checkpoints) -
     argv += [*_data_args(data_dir)[:6], "--device", "cpu"]
     # no detections: should the check ever be lost again, the wrong evaluation stays quick
     code, msg = _cli(capsys, [*argv, "MODEL.RETINANET.SCORE_THRESH_TEST", "1.0"])
-    assert code == 2 and f"weights {weights} do not fit its config" in msg
+    assert (
+        code == 2 and f"model weights {weights} were trained for 3 classes, but tbd_shapes_val has 8" in msg
+    )
     assert not (tmp_path / "eval_results.json").exists()
 
 
@@ -406,3 +518,39 @@ def test_diverging_training_stops_with_a_message(capsys, tmp_path, data_dir) -> 
     assert code not in (0, None)
     assert "1 training steps in a row had a non-finite loss" in msg and "Lower SOLVER.BASE_LR" in msg
     assert not list((tmp_path / "run").glob("*.pth"))
+
+
+def test_unreadable_image_outside_the_decode_sample(capsys, tmp_path, data_dir, monkeypatch) -> None:
+    from conftest import write_tiny_coco
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    import tbd.data.validate
+
+    monkeypatch.setattr(tbd.data.validate, "DECODE_CHECK_LIMIT", 1)  # validation decodes 0000.png only
+    js, images = write_tiny_coco(tmp_path / "mine", num_images=4)
+    # JPEG: its size (and EXIF) come from the header alone, so only a full decode finds the damage
+    coco = json.loads(js.read_text())
+    for k, entry in enumerate(coco["images"]):
+        png = images / entry["file_name"]
+        entry["file_name"] = png.with_suffix(".jpg").name
+        Image.open(png).save(images / entry["file_name"])
+        if k > 0:  # every batch of 2 holds a damaged file
+            data = (images / entry["file_name"]).read_bytes()
+            (images / entry["file_name"]).write_bytes(data[: len(data) // 2])
+    js.write_text(json.dumps(coco))
+    out = tmp_path / "run"
+    argv = ["train", "--head", "retinanet", "--iters", "4", "-o", str(out)]
+    argv += ["--train-json", str(js), "--train-images", str(images), "--batch-size", "2", "--device", "cpu"]
+    before = set(DatasetCatalog.list())
+    try:
+        code, msg = _cli(capsys, argv)
+        assert code == 2
+        assert f"error: cannot read image {images}/000" in msg and "(OSError: " in msg
+        assert "remove it from the dataset's json" in msg and not _tracebacks(msg)
+        # the failed attempt left no checkpoint, so the same --output is accepted again
+        assert not list(out.glob("*.pth"))
+        prepare_output_dir(out, resume=False, overwrite=False)
+    finally:
+        for name in set(DatasetCatalog.list()) - before:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.pop(name, None)

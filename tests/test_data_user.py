@@ -270,3 +270,116 @@ def test_unknown_name_lists_close_matches() -> None:
     assert "unknown dataset 'coco_2071_val'" in msg and "coco_2017_val" in msg and "--train-json" in msg
     with pytest.raises(DatasetError, match="unknown dataset"):
         num_classes("no_such_dataset_anywhere")
+
+
+# ------------------------------------------------------------------------------------ crowd, unused classes
+def test_crowd_boxes_are_counted_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8]},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [12, 2, 8, 8], "iscrowd": 1},
+        {"id": 3, "image_id": 2, "category_id": 2, "bbox": [2, 2, 8, 8], "iscrowd": 1},  # crowd only
+        {"id": 4, "image_id": 3, "category_id": 2, "bbox": [2, 2, 8, 8]},
+    ]
+    tj, ti = make_coco(tmp_path, "crowdy", images=3, annotations=anns)
+    with caplog.at_level(logging.WARNING, logger="tbd.data.validate"):
+        name = register_user_coco(tj, ti, "train")
+    report = dataset_report(name)
+    assert report is not None and report.crowd_annotations == 2 and report.examples["crowd"] == [2, 3]
+    assert report.kept_annotations == 2  # the two boxes around single objects
+    # image 2 holds only a crowd region: no training signal, dropped like an empty image
+    assert report.empty_images == 1 and sorted(d["image_id"] for d in DatasetCatalog.get(name)) == [1, 3]
+    assert "ignored 2 crowd annotation(s) (iscrowd=1)" in caplog.text
+
+
+def test_only_crowd_boxes_is_a_clear_error(tmp_path: Path) -> None:
+    anns = [{"id": k, "image_id": k, "category_id": 1, "bbox": [2, 2, 8, 8], "iscrowd": 1} for k in (1, 2, 3)]
+    tj, ti = make_coco(tmp_path, "crowd", images=3, annotations=anns)
+    with pytest.raises(DatasetError) as info:
+        resolve_datasets(train_json=tj, train_images=ti)
+    msg = str(info.value)
+    assert "no usable annotation is left" in msg and "crowd.json" in msg
+    assert "Every box left is a crowd region (iscrowd=1, 3 of them)" in msg
+    assert "set iscrowd to 0 for boxes around single objects" in msg
+
+
+def test_classes_without_annotations_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cats = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "emu"}]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8]},
+        {"id": 2, "image_id": 2, "category_id": 3, "bbox": [2, 2, 8, 8], "iscrowd": 1},  # crowd: not a use
+        {"id": 3, "image_id": 2, "category_id": 1, "bbox": [2, 2, 8, 8]},
+    ]
+    tj, ti = make_coco(tmp_path, "unused", images=2, categories=cats, annotations=anns)
+    with caplog.at_level(logging.WARNING, logger="tbd.data.validate"):
+        name = register_user_coco(tj, ti, "train")
+    report = dataset_report(name)
+    assert report is not None and report.clean  # the json itself needs no cleaning
+    assert report.unused_classes == ["dog", "emu"] and num_classes(name) == 3
+    assert "2 of 3 classes have no usable annotation: ['dog', 'emu']" in caplog.text
+
+
+# ------------------------------------------------------------------------------------ image files
+def _save_16bit(path: Path, values: np.ndarray) -> None:
+    Image.fromarray(values.astype(np.uint16)).save(path)
+    with Image.open(path) as check:
+        assert check.mode in ("I;16", "I")  # what a 16-bit greyscale PNG opens as
+
+
+def test_16bit_greyscale_is_scaled_to_8_bits_when_read(tmp_path: Path) -> None:
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetMapper, detection_utils
+
+    box = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 1]}]
+    tj, ti = make_coco(tmp_path, "deep", images=1, size=(4, 2), annotations=box)
+    values = np.array([[0, 257, 32896, 65535], [1000, 128, 129, 65278]])
+    _save_16bit(ti / "0.png", values)
+    expected = np.array([[0, 1, 128, 255], [4, 0, 1, 254]], dtype=np.uint8)  # round(v / 257)
+    bgr = detection_utils.read_image(str(ti / "0.png"), format="BGR")
+    assert bgr.dtype == np.uint8 and bgr.shape == (2, 4, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(bgr[..., channel], expected)
+    # the way Detectron2's data loaders read it (a DatasetMapper on the registered dataset)
+    name = register_user_coco(tj, ti, "val")
+    cfg = get_cfg()
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 0, 0  # no resize
+    image = DatasetMapper(cfg, is_train=False)(DatasetCatalog.get(name)[0])["image"]
+    np.testing.assert_array_equal(image[0].numpy(), expected)
+
+
+def test_16bit_greyscale_is_reported_by_validation(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tj, ti = make_coco(tmp_path, "thermal", images=3)
+    _save_16bit(ti / "1.png", np.full((30, 40), 3000))  # 12-bit data stored in 16 bits
+    _save_16bit(ti / "2.png", np.full((30, 40), 1200))
+    with caplog.at_level(logging.WARNING, logger="tbd.data.validate"):
+        name = register_user_coco(tj, ti, "train")
+    report = dataset_report(name)
+    assert report is not None and report.high_bit_depth_images == 2
+    assert report.high_bit_depth_examples == ["1.png", "2.png"] and report.high_bit_depth_max == 3000
+    assert "2 of 3 checked images are 16-bit greyscale" in caplog.text
+    assert "read scaled to 8 bits (value / 257)" in caplog.text
+    assert "the largest value in the decoded ones is 3000 (fewer than 16 bits used" in caplog.text
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_image_read_in_a_loader_worker_names_the_file(tmp_path: Path) -> None:
+    import torch.utils.data
+    from detectron2.data import detection_utils
+
+    from tbd.data.images import ImageReadError, image_read_message
+
+    _, ti = make_coco(tmp_path, "cut", images=1, size=(64, 64))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(ti / "0.png")
+    _truncate(ti / "0.png")
+    file = str(ti / "0.png")
+    loader = torch.utils.data.DataLoader(
+        [file], batch_size=None, num_workers=1, collate_fn=lambda f: detection_utils.read_image(f, "BGR")
+    )
+    with pytest.raises(ImageReadError) as info:  # still this class when re-raised from the worker
+        next(iter(loader))
+    msg = image_read_message(info.value)
+    assert msg.startswith(f"cannot read image {file} (OSError: ") and "Traceback" not in msg
+    assert "re-export it, or remove it from the dataset's json" in msg

@@ -102,6 +102,7 @@ def apply_student_profile(cfg: CfgNode, args: argparse.Namespace, train: str) ->
 
 def check_weights_arg(spec: str, flag: str) -> None:
     """Fail before training when a local weights file named on the command line is absent."""
+    from tbd.engine.checkpoint import UnreadableWeightsError, check_weights_file
     from tbd.engine.weights import TORCHVISION_SCHEME, WeightsError, torchvision_weights
 
     try:
@@ -111,7 +112,9 @@ def check_weights_arg(spec: str, flag: str) -> None:
             raise WeightsError(
                 f"{flag} {spec} does not exist; pass a checkpoint file, a URL or torchvision://NAME"
             )
-    except WeightsError as err:
+        else:
+            check_weights_file(str(Path(spec).expanduser()) if "://" not in spec else spec, "initial")
+    except (WeightsError, UnreadableWeightsError) as err:
         raise UsageError(str(err)) from err
 
 
@@ -160,18 +163,21 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dist-url", default="auto", help="e.g. tcp://10.0.0.1:29500; auto on one machine")
 
 
-def add_opts_arg(p: argparse.ArgumentParser) -> None:
+def add_opts_arg(p: argparse.ArgumentParser, help: str = "") -> None:
     p.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
         metavar="KEY VALUE",
-        help="Detectron2 config overrides, e.g. SOLVER.BASE_LR 0.02",
+        help=help or "Detectron2 config overrides, e.g. SOLVER.BASE_LR 0.02",
     )
 
 
 # --- datasets and configs ------------------------------------------------------------------
-def resolve_datasets(args: argparse.Namespace) -> tuple[str, str]:
-    """Register what the user named (again in each spawned worker) and return (train, test)."""
+def resolve_datasets(args: argparse.Namespace, need_train: bool = True) -> tuple[str, str]:
+    """Register what the user named (again in each spawned worker) and return (train, test).
+
+    ``need_train=False`` (eval, harmony): ``--val-json/--val-images`` alone are enough.
+    """
     import os
 
     from tbd.data import resolve_datasets as _resolve
@@ -189,6 +195,7 @@ def resolve_datasets(args: argparse.Namespace) -> tuple[str, str]:
                 "num_train": getattr(args, "num_train_images", 2000),
                 "num_val": getattr(args, "num_val_images", 200),
             },
+            need_train=need_train,
         )
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise UsageError(str(err)) from err
@@ -285,9 +292,13 @@ def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool) -> Path:
     out = Path(path)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one")
-    has_run = out.is_dir() and any(
-        (out / name).exists() for name in (FINISHED_MARKER, "last_checkpoint", "metrics.json")
+    # only a checkpoint makes a run worth keeping: one that failed before its first has nothing to resume
+    has_run = out.is_dir() and (
+        any((out / name).exists() for name in (FINISHED_MARKER, "last_checkpoint"))
+        or any(out.glob("model_*.pth"))
     )
+    if not has_run and not resume:
+        _remove_attempt_without_checkpoint(out)
     if has_run and overwrite:
         shutil.rmtree(out)
     elif has_run and not resume:
@@ -299,8 +310,35 @@ def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool) -> Path:
         )
     elif resume and not (out / "last_checkpoint").exists():
         raise UsageError(f"--resume: {out} has no checkpoint to resume from (no last_checkpoint file)")
-    out.mkdir(parents=True, exist_ok=True)
+    _make_writable_dir(out)
     return out
+
+
+def _remove_attempt_without_checkpoint(out: Path) -> None:
+    """Metrics and events of an attempt that stopped before its first checkpoint (appending to
+    them would mix two runs); its log.txt stays and says why it stopped."""
+    stale = [out / "metrics.json", *out.glob("events.out.tfevents.*")] if out.is_dir() else []
+    stale = [p for p in stale if p.is_file()]
+    if stale:
+        console.print(
+            f"[dim]{out}: removing {', '.join(p.name for p in stale)} of an earlier attempt that stopped "
+            "before its first checkpoint[/]"
+        )
+        for p in stale:
+            p.unlink()
+
+
+def _make_writable_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".tbd-write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(
+            f"cannot write to the output folder {out} ({err.strerror or err}); choose a writable "
+            "--output (a read-only file system, or a folder you may not write to?)"
+        ) from err
 
 
 def quiet_warnings() -> None:
@@ -339,6 +377,8 @@ def setup_logging(output_dir: Path, quiet_console: bool = True) -> None:
                 h.close()
             elif _is_console(h):
                 h.setLevel(logging.WARNING if quiet_console else logging.DEBUG)
+                if quiet_console and _not_reported_elsewhere not in h.filters:
+                    h.addFilter(_not_reported_elsewhere)
         logger.addHandler(run_log)
     file_only = logging.getLogger(RUN_LOG_ONLY)
     file_only.propagate = False
@@ -357,6 +397,16 @@ def _is_console(handler: logging.Handler) -> bool:
 
 #: a logger that writes to the run's log.txt only (e.g. a failure the console reports anyway)
 RUN_LOG_ONLY = "tbd_run_log"
+
+
+def _not_reported_elsewhere(record: logging.LogRecord) -> bool:
+    """Console filter: an unreadable image is printed as one ``error:`` line by ``tbd``'s main, so
+    Detectron2's "Exception during training" traceback of it goes to log.txt only."""
+    from tbd.data.images import is_image_read_error
+
+    return not (
+        record.exc_info and record.exc_info[1] is not None and is_image_read_error(record.exc_info[1])
+    )
 
 
 def launch_workers(main: Callable[..., Any], args: argparse.Namespace, *fn_args: Any) -> None:

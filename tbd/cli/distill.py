@@ -13,6 +13,7 @@ from detectron2.config import CfgNode
 
 from tbd.cli import common
 from tbd.cli.common import UsageError, console
+from tbd.cli.rundata import record_data
 
 
 def add_parser(sub: Any) -> None:
@@ -24,7 +25,10 @@ def add_parser(sub: Any) -> None:
             "distillation). Teachers come from `tbd teachers`: on the embedded dataset a teacher "
             "without a checkpoint is trained first and cached; on COCO its model-zoo weights are "
             "used (or --teacher-weights). Writes checkpoints, metrics.json, TensorBoard events and "
-            "summary.json (teacher AP, student AP, harmonious-prediction ratios) to --output."
+            "summary.json (teacher AP, student AP, harmonious-prediction ratios) to --output. "
+            "Trailing KEY VALUE overrides change the student's config (and DISTILL.*) only; the "
+            "teacher's config is changed with DISTILL.TEACHER_OPTS, e.g. "
+            "DISTILL.TEACHER_OPTS \"['INPUT.MIN_SIZE_TEST', '800']\" (see docs/CONFIG.md)."
         ),
     )
     g = p.add_argument_group("models")
@@ -56,7 +60,13 @@ def add_parser(sub: Any) -> None:
     common.add_output_args(p, default="runs/distill")
     common.add_schedule_args(p)
     common.add_launch_args(p)
-    common.add_opts_arg(p)
+    common.add_opts_arg(
+        p,
+        help=(
+            "config overrides of the student (and DISTILL.* keys), e.g. SOLVER.BASE_LR 0.02; they do "
+            "not reach the teacher: change its config with DISTILL.TEACHER_OPTS \"['KEY', 'VALUE']\""
+        ),
+    )
     p.set_defaults(func=run)
 
 
@@ -212,6 +222,8 @@ def build_distill_cfg(
     opts = [o for o in (args.opts or []) if o != "--"]
     if opts:
         cfg.merge_from_list(opts)
+        if "DISTILL.TEACHER_OPTS" in opts[::2]:  # the user's teacher overrides come after the data's
+            cfg.DISTILL.TEACHER_OPTS = teacher_opts + list(cfg.DISTILL.TEACHER_OPTS)
     return cfg
 
 
@@ -241,7 +253,14 @@ def check_pair(cfg: CfgNode) -> None:
 
     try:
         TBDistiller(cfg)
-    except (WeightsMismatchError, FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
+    except WeightsMismatchError as err:
+        from tbd.cli.weights import mismatch_advice
+
+        advice = mismatch_advice(
+            err, "teacher", common_num_classes(cfg.DATASETS.TEST[0]), cfg.DATASETS.TEST[0]
+        )
+        raise UsageError(f"the teacher/student pair cannot be used: {advice}") from err
+    except (FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
         raise UsageError(f"the teacher/student pair cannot be used: {err}") from err
 
 
@@ -317,6 +336,11 @@ def _harmony(cfg: CfgNode, model: Any) -> dict[str, Any] | None:
     return measure_harmony(cfg, model, cfg.DATASETS.TEST[0])
 
 
+def teacher_label(args: argparse.Namespace) -> str:
+    """The teacher's name in tables and summary.json: a registry name, or its config's file stem."""
+    return Path(args.teacher_config).stem if args.teacher_config else args.teacher
+
+
 def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str, Any]) -> dict[str, Any]:
     """Teacher AP, student AP and the harmonious-prediction ratios: printed and returned."""
     from detectron2.modeling import build_model
@@ -343,7 +367,7 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
             rows["student"]["harmony"] = _harmony(s_cfg, student)
 
     table = Table(
-        title=f"tbd distill: {args.teacher} -> {args.student} ({args.head}) on {cfg.DATASETS.TEST[0]}"
+        title=f"tbd distill: {teacher_label(args)} -> {args.student} ({args.head}) on {cfg.DATASETS.TEST[0]}"
     )
     table.add_column("model")
     table.add_column("test input")
@@ -372,7 +396,7 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
             "(see docs/HARMONY.md)"
         )
     summary = {
-        "teacher": {"name": args.teacher, "config": cfg.DISTILL.TEACHER_CONFIG, **rows["teacher"]},
+        "teacher": {"name": teacher_label(args), "config": cfg.DISTILL.TEACHER_CONFIG, **rows["teacher"]},
         "teacher_own_input": rows.get("teacher_own_input"),
         "student": {"name": args.student, "head": args.head, **rows["student"]},
         "profile": {
@@ -411,6 +435,7 @@ def run(args: argparse.Namespace) -> int:
     check_inputs(cfg, args)
     check_pair(cfg)
     (out / "config.yaml").write_text(cfg.dump())
+    record_data(out, args)  # for tbd eval/harmony --run
     if getattr(args, "profile_info", None) is not None:
         common.print_profile(cfg, args.profile_info)
     console.print(

@@ -9,6 +9,7 @@ from typing import Any
 
 from tbd.cli import common
 from tbd.cli.common import UsageError, console
+from tbd.cli.rundata import data_given, restore_data
 
 
 def add_parser(sub: Any) -> None:
@@ -17,8 +18,9 @@ def add_parser(sub: Any) -> None:
         help="COCO evaluation of a checkpoint",
         description=(
             "Evaluate a checkpoint with Detectron2's COCOEvaluator (pycocotools). Give --run (a "
-            "directory written by tbd train/distill: its config.yaml and last checkpoint) or "
-            "--config and --weights."
+            "directory written by tbd train/distill: its config.yaml, last checkpoint and data.json, "
+            "the data it was trained on) or --config and --weights. --val-json/--val-images alone "
+            "name the data to evaluate on."
         ),
     )
     p.add_argument("--run", help="a run directory (uses its config.yaml and model_final/last checkpoint)")
@@ -54,6 +56,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def evaluate(cfg_path: Path, weights: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model
 
     from tbd.config import load_config
@@ -61,12 +64,17 @@ def evaluate(cfg_path: Path, weights: Path, args: argparse.Namespace) -> dict[st
     from tbd.engine.trainer import Trainer
     from tbd.export import load_student_state, student_cfg
 
-    dataset_given = any(getattr(args, k, None) for k in ("dataset", "train_json", "val_json"))
+    dataset_given = data_given(args)
     cfg = load_config(cfg_path)
-    train, test = common.resolve_datasets(args) if dataset_given else (None, None)
+    train, test = common.resolve_datasets(args, need_train=False) if dataset_given else (None, None)
     if not dataset_given:
         common.resolve_datasets(args)  # registers the embedded dataset (the config's default)
         train, test = cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]
+        if test not in DatasetCatalog.list():
+            raise UsageError(
+                f"{cfg_path} names the test set {test!r}, which is not registered here: pass --dataset "
+                "or --val-json/--val-images"
+            )
     common.apply_common(cfg, args, train, test)
     run_cfg_is_distill = cfg.MODEL.META_ARCHITECTURE == "TBDistiller"
     cfg = student_cfg(cfg)  # a distillation run is evaluated as its student: no teacher needed
@@ -76,7 +84,13 @@ def evaluate(cfg_path: Path, weights: Path, args: argparse.Namespace) -> dict[st
             model.load_state_dict(load_student_state(weights))
         else:
             load_weights_checked(model, str(weights))
-    except (WeightsMismatchError, RuntimeError) as err:
+    except WeightsMismatchError as err:
+        from tbd.cli.weights import mismatch_advice
+        from tbd.data import num_classes
+
+        advice = mismatch_advice(err, "model", num_classes(test), test)
+        raise UsageError(f"cannot evaluate {weights} with {cfg_path}: {advice}") from err
+    except RuntimeError as err:
         raise UsageError(f"cannot evaluate {weights} with {cfg_path}: {err}") from err
     return dict(Trainer.test(cfg, model))
 
@@ -85,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from tbd.cli.train import print_results
 
     cfg_path, weights = resolve_run(args)
+    if args.run:
+        restore_data(args, [Path(args.run)])  # the data the run was trained on, unless named here
     results = evaluate(cfg_path, weights, args)
     print_results(results, f"{weights}")
     out = Path(args.output) if args.output else weights.parent

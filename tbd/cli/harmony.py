@@ -14,6 +14,7 @@ from detectron2.config import CfgNode
 
 from tbd.cli import common
 from tbd.cli.common import UsageError, console
+from tbd.cli.rundata import restore_data
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,12 @@ def add_parser(sub: Any) -> None:
     g.add_argument(
         "--score-floor",
         type=float,
-        default=0.05,
-        help="ignore predictions below this score; mean HS is over the rest (default 0.05)",
+        default=None,
+        help=(
+            "ignore predictions below this score; mean HS is over the rest (default 0.05, or "
+            "--score-thresh when that is lower). Each model's own test score threshold "
+            "(MODEL.*.SCORE_THRESH_TEST) is lowered to it, so that it outputs those predictions"
+        ),
     )
     g.add_argument(
         "--bins",
@@ -209,10 +214,29 @@ def build_model_for(cfg_path: Path, weights: str, args: argparse.Namespace, test
     raw = load_config(cfg_path)
     cfg = as_plain_detector(raw)
     common.apply_common(cfg, args, cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else test, test)
+    lower_test_score_thresholds(cfg, score_floor(args))
     model = build_model(cfg)
     load_detector_weights(model, weights, distilled_first=raw.MODEL.META_ARCHITECTURE == "TBDistiller")
     model.eval()
     return cfg, model
+
+
+DEFAULT_SCORE_FLOOR = 0.05
+
+
+def score_floor(args: argparse.Namespace) -> float:
+    """``--score-floor``, else 0.05 or ``--score-thresh`` when that is lower."""
+    if args.score_floor is not None:
+        return float(args.score_floor)
+    return min(DEFAULT_SCORE_FLOOR, float(args.score_thresh))
+
+
+def lower_test_score_thresholds(cfg: CfgNode, floor: float) -> None:
+    """Every head's own test-time score threshold (``MODEL.<HEAD>.SCORE_THRESH_TEST``) at most
+    ``floor``: a model drops predictions below its threshold before the measurement sees them."""
+    for node in cfg.MODEL.values():
+        if isinstance(node, CfgNode) and "SCORE_THRESH_TEST" in node:
+            node.SCORE_THRESH_TEST = min(float(node.SCORE_THRESH_TEST), floor)
 
 
 def pick_test_dataset(args: argparse.Namespace, cfg_paths: Sequence[Path]) -> str:
@@ -222,7 +246,7 @@ def pick_test_dataset(args: argparse.Namespace, cfg_paths: Sequence[Path]) -> st
     from tbd.config import load_config
 
     dataset_given = any(getattr(args, k, None) for k in ("dataset", "train_json", "val_json"))
-    _, test = common.resolve_datasets(args)  # also registers the embedded dataset
+    _, test = common.resolve_datasets(args, need_train=False)  # also registers the embedded dataset
     if dataset_given:
         return test
     tests = {load_config(p).DATASETS.TEST[0] for p in cfg_paths}
@@ -345,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
         thresholds = HarmonyThresholds(
             score_thresh=args.score_thresh,
             iou_thresh=args.iou_thresh,
-            score_floor=args.score_floor,
+            score_floor=score_floor(args),
             bin_edges=args.bins or default_bin_edges(),
             class_agnostic=args.class_agnostic,
         )
@@ -356,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise UsageError(f"model names must be unique, repeated: {duplicates} (use NAME=...)")
+    restore_data(args, [Path(s.run_dir) for s in specs if s.run_dir is not None])  # runs know their data
     dataset = pick_test_dataset(args, [r[1] for r in resolved])
     console.print(
         f"[bold]tbd harmony[/] {len(resolved)} model(s) on {dataset}: {threshold_text(thresholds.as_dict())}"

@@ -39,6 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         return 2
+    except Exception as err:
+        from tbd.data.images import image_read_message, is_image_read_error
+
+        if not is_image_read_error(err):
+            raise
+        # an image outside validation's decode sample (raised in a loader worker or launched process)
+        console.print(f"[bold red]error:[/] {image_read_message(err)}", soft_wrap=True)
+        return 2
 
 
 if __name__ == "__main__":

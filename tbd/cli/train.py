@@ -10,9 +10,11 @@ from typing import Any
 
 from detectron2.config import CfgNode
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 from tbd.cli import common
 from tbd.cli.common import UsageError, console
+from tbd.cli.rundata import record_data
 
 
 def add_parser(sub: Any) -> None:
@@ -75,6 +77,9 @@ def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
     register_all()
     common.resolve_datasets(args)
     common.setup_logging(Path(cfg.OUTPUT_DIR))
+    # as Detectron2's default_setup: python, numpy and torch seeded per process, before the model is
+    # built (its initialisation) and before the loader's workers take their seeds from torch
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
     try:
         trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False))
         try:
@@ -124,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_train_cfg(args, train, test)
     common.check_batch_per_process(cfg, args.num_gpus * args.num_machines)
     (out / "config.yaml").write_text(cfg.dump())
+    record_data(out, args)  # for tbd eval/harmony --run
     if getattr(args, "profile_info", None) is not None:
         common.print_profile(cfg, args.profile_info)
     console.print(

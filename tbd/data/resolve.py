@@ -137,6 +137,7 @@ def resolve_datasets(
     val_json: str | os.PathLike | None = None,
     val_images: str | os.PathLike | None = None,
     shapes_options: Mapping[str, Any] | None = None,
+    need_train: bool = True,
 ) -> tuple[str, str]:
     """``(train_name, test_name)`` for what the user asked for, registered and checked.
 
@@ -144,7 +145,9 @@ def resolve_datasets(
     * a registered name: used for both; a prefix whose ``_train``/``_val`` are registered: those;
     * ``train_json`` + ``train_images`` (+ ``val_json`` + ``val_images``): validated and registered
       as ``user_<stem>_train`` / ``user_<stem>_val``; without a val json the train set is also the
-      test set (a warning says so).
+      test set (a warning says so);
+    * ``val_json`` + ``val_images`` alone, when ``need_train`` is false (evaluation, analysis):
+      ``(test, test)``.
     """
     user = {
         "train_json": train_json,
@@ -165,7 +168,13 @@ def resolve_datasets(
                     f"{missing} is missing: {js} and {ims} go together (the json and its image directory)"
                 )
         if "train_json" not in given:
-            raise DatasetError("val_json/val_images were given without train_json/train_images")
+            if need_train:
+                raise DatasetError(
+                    "val_json/val_images were given without train_json/train_images; training needs "
+                    "both (evaluation and analysis take val_json/val_images alone)"
+                )
+            test = register_user_coco(val_json, val_images, "val")  # type: ignore[arg-type]
+            return test, test
         train = register_user_coco(train_json, train_images, "train")  # type: ignore[arg-type]
         if "val_json" not in given:
             logger.warning("no val_json given: evaluating on the training set %s", train)

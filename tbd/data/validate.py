@@ -1,9 +1,10 @@
 """Validation and cleaning of a user's COCO instances json before anything trains on it.
 
 Problems that make the data unusable raise :class:`DatasetError` with the file and the fix.
-Problems that concern single annotations (degenerate or out-of-image boxes) and images without
-annotations are skipped, counted in a :class:`DatasetReport` and logged: never silent, never a
-crash deep inside a training run.
+Problems that concern single annotations (degenerate or out-of-image boxes), crowd regions
+(``iscrowd: 1``, which Detectron2 does not train on), images without annotations, classes without
+annotations and 16-bit greyscale images are skipped or noted, counted in a :class:`DatasetReport`
+and logged: never silent, never a crash deep inside a training run.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ HEADER_CHECK_LIMIT = 2000
 #: how many images are fully decoded (evenly spaced over the dataset)
 DECODE_CHECK_LIMIT = 16
 _SHOW = 5  # how many offending entries an error or a report names
+#: PIL modes of single-channel images with more than 8 bits per value (read as 16-bit data, scaled
+#: to 8 bits by tbd.data.images.read_image)
+HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
 class DatasetError(ValueError):
@@ -60,11 +64,20 @@ class DatasetReport:
     skipped_annotations: dict[str, int] = field(default_factory=dict)
     #: annotation ids (per skip reason, and "clipped") of the first few offenders
     examples: dict[str, list[int]] = field(default_factory=dict)
-    empty_images: int = 0  # images with no usable annotation
+    #: crowd regions (iscrowd=1) among the kept boxes: not trained on, ignore regions in evaluation
+    crowd_annotations: int = 0
+    empty_images: int = 0  # images with no usable (non-crowd) annotation
     empty_images_dropped: bool = True
     images_size_checked: int = 0
     images_decoded: int = 0
     classes: list[str] = field(default_factory=list)
+    #: classes of 'categories' without any usable (non-crowd) annotation
+    unused_classes: list[str] = field(default_factory=list)
+    #: checked images that are 16-bit greyscale (read scaled to 8 bits), the first few names, and the
+    #: largest value found in the decoded ones (None when none of them was decoded)
+    high_bit_depth_images: int = 0
+    high_bit_depth_examples: list[str] = field(default_factory=list)
+    high_bit_depth_max: int | None = None
 
     @property
     def num_skipped_annotations(self) -> int:
@@ -72,7 +85,15 @@ class DatasetReport:
 
     @property
     def clean(self) -> bool:
+        """True when the json needs no cleaning (evaluation can use the user's file as it is)."""
         return not (self.num_skipped_annotations or self.clipped_annotations or self.empty_images)
+
+    @property
+    def needs_attention(self) -> bool:
+        """Something was skipped, fixed or looks unintended: the summary is logged as a warning."""
+        return not self.clean or bool(
+            self.crowd_annotations or self.unused_classes or self.high_bit_depth_images
+        )
 
     def summary(self) -> str:
         lines = [
@@ -87,9 +108,38 @@ class DatasetReport:
                 f"  clipped {self.clipped_annotations} annotation(s) partly outside their image to the image "
                 f"(first ids: {self.examples.get('clipped', [])})"
             )
+        if self.crowd_annotations:
+            lines.append(
+                f"  ignored {self.crowd_annotations} crowd annotation(s) (iscrowd=1): Detectron2 does not "
+                "train on crowd regions and COCO evaluation treats them as areas to ignore; set iscrowd "
+                f"to 0 for boxes around single objects (first ids: {self.examples.get('crowd', [])})"
+            )
         if self.empty_images:
             what = "skipped (no training signal)" if self.empty_images_dropped else "kept for evaluation"
             lines.append(f"  {self.empty_images} image(s) without usable annotations: {what}")
+        if self.unused_classes:
+            lines.append(
+                f"  {len(self.unused_classes)} of {len(self.classes)} classes have no usable annotation: "
+                f"{self.unused_classes[:20]}; the model still gets an output for each of them (never "
+                "trained as positives, AP undefined): add annotations or remove them from 'categories'"
+            )
+        if self.high_bit_depth_images:
+            peak = (
+                f"; the largest value in the decoded ones is {self.high_bit_depth_max}"
+                + (
+                    " (fewer than 16 bits used: those images will look dark; rescale them to 8 bits "
+                    "yourself if that is not intended)"
+                    if self.high_bit_depth_max < 4096
+                    else ""
+                )
+                if self.high_bit_depth_max is not None
+                else ""
+            )
+            lines.append(
+                f"  {self.high_bit_depth_images} of {self.images_size_checked} checked images are 16-bit "
+                f"greyscale (first: {self.high_bit_depth_examples}): read scaled to 8 bits (value / 257) "
+                f"and copied to the three colour channels{peak}"
+            )
         lines.append(
             f"  image files: all {self.num_images} exist; size checked on {self.images_size_checked}, "
             f"fully decoded {self.images_decoded}"
@@ -228,8 +278,13 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, k)})
 
 
-def check_image_files(images: list[dict], image_root: Path, json_file: str) -> tuple[int, int]:
-    """Every listed file exists; sizes match the json on a sample; a few decode. Returns the counts."""
+def check_image_files(
+    images: list[dict], image_root: Path, json_file: str, report: DatasetReport | None = None
+) -> tuple[int, int]:
+    """Every listed file exists; sizes match the json on a sample; a few decode. Returns the counts.
+
+    16-bit greyscale images among the checked ones are counted in ``report`` (when given).
+    """
     missing = [im["file_name"] for im in images if not (image_root / im["file_name"]).is_file()]
     if missing:
         raise DatasetError(
@@ -248,6 +303,8 @@ def check_image_files(images: list[dict], image_root: Path, json_file: str) -> t
             with Image.open(file) as pil:
                 if i in decoded:
                     pil.load()
+                if pil.mode in HIGH_BIT_DEPTH_MODES and report is not None:
+                    _note_high_bit_depth(report, pil, im["file_name"], i in decoded)
                 width, height = pil.size
                 if pil.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # Detectron2 applies EXIF rotation
                     width, height = height, width
@@ -267,6 +324,15 @@ def check_image_files(images: list[dict], image_root: Path, json_file: str) -> t
             f"{json_file} (first: {mismatched[:_SHOW]}); fix those fields (boxes are in the file's pixels)"
         )
     return len(sized), len(decoded)
+
+
+def _note_high_bit_depth(report: DatasetReport, pil: Image.Image, name: str, decoded: bool) -> None:
+    report.high_bit_depth_images += 1
+    if len(report.high_bit_depth_examples) < _SHOW:
+        report.high_bit_depth_examples.append(name)
+    if decoded:
+        peak = int(np.asarray(pil).max())
+        report.high_bit_depth_max = max(peak, report.high_bit_depth_max or 0)
 
 
 def clean_annotations(
@@ -325,7 +391,7 @@ def load_user_coco(
     report = DatasetReport(name=name, json_file=str(json_file), image_root=str(root))
     report.num_images, report.num_annotations = len(data["images"]), len(data["annotations"])
     report.images_size_checked, report.images_decoded = check_image_files(
-        data["images"], root, str(json_file)
+        data["images"], root, str(json_file), report
     )
     categories = sorted(data["categories"], key=lambda c: c["id"])
     id_map = {c["id"]: k for k, c in enumerate(categories)}
@@ -335,8 +401,11 @@ def load_user_coco(
     kept = clean_annotations(data["annotations"], sizes, report)
     per_image: dict[int, list[dict]] = defaultdict(list)
     cleaned_json_anns = []
+    crowd_ids: list[int] = []
     for ann, (x1, y1, x2, y2) in kept:
         crowd = int(ann.get("iscrowd", 0) or 0)
+        if crowd:
+            crowd_ids.append(ann.get("id", -1))
         per_image[ann["image_id"]].append(
             {
                 "bbox": [x1, y1, x2, y2],
@@ -350,10 +419,14 @@ def load_user_coco(
             fixed["area"] = (x2 - x1) * (y2 - y1)
         cleaned_json_anns.append(fixed)
 
+    report.crowd_annotations = len(crowd_ids)
+    if crowd_ids:
+        report.examples["crowd"] = crowd_ids[:_SHOW]
+
     dicts = []
     for im in data["images"]:
         anns = per_image.get(im["id"], [])
-        if not anns:
+        if not any(a["iscrowd"] == 0 for a in anns):  # crowd regions alone give no training signal
             report.empty_images += 1
             if drop_empty:
                 continue
@@ -368,14 +441,22 @@ def load_user_coco(
         )
     report.empty_images_dropped = drop_empty
     report.kept_images = len(dicts)
-    report.kept_annotations = sum(len(d["annotations"]) for d in dicts)
+    report.kept_annotations = sum(a["iscrowd"] == 0 for d in dicts for a in d["annotations"])
+    used = {a["category_id"] for d in dicts for a in d["annotations"] if a["iscrowd"] == 0}
+    report.unused_classes = [name for k, name in enumerate(report.classes) if k not in used]
     if not report.kept_annotations:
+        crowd_only = (
+            f" Every box left is a crowd region (iscrowd=1, {report.crowd_annotations} of them), which "
+            "Detectron2 does not train on: set iscrowd to 0 for boxes around single objects."
+            if report.crowd_annotations
+            else ""
+        )
         raise DatasetError(
-            f"{json_file}: no usable annotation is left after validation ({report.num_annotations} listed);"
-            f"\n{report.summary()}"
+            f"{json_file}: no usable annotation is left after validation ({report.num_annotations} listed)."
+            f"{crowd_only}\n{report.summary()}"
         )
     cleaned = {k: v for k, v in data.items() if k != "annotations"}
     cleaned["annotations"] = cleaned_json_anns
-    log = logger.info if report.clean else logger.warning
+    log = logger.warning if report.needs_attention else logger.info
     log("dataset %s", report.summary())
     return dicts, cleaned, report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -117,31 +118,127 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
 
 
 class WeightsMismatchError(ValueError):
-    """A checkpoint that does not fit the model it is loaded into."""
+    """A checkpoint that does not fit the model it is loaded into.
+
+    ``shapes`` holds ``(key, shape in the file, shape in the model)`` of the tensors that differ,
+    ``missing`` the model tensors the file lacks, ``detail`` the two in words.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: str = "",
+        detail: str = "",
+        shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]] | None = None,
+        missing: list[str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.detail = detail
+        self.shapes = list(shapes or [])
+        self.missing = list(missing or [])
+
+
+class UnreadableWeightsError(WeightsMismatchError):
+    """A weights file that is not a checkpoint at all (empty, text, another format)."""
+
+
+WEIGHTS_FORMAT_HINT = (
+    "a PyTorch checkpoint (.pth: torch.save / Detectron2's checkpointer, e.g. a run's model_final.pth) "
+    "or a Detectron2 model-zoo pickle (.pkl)"
+)
+
+
+def check_weights_file(path: str, what: str = "model") -> None:
+    """Refuse at once a local weights file that cannot be a checkpoint (empty, or not a zip/pickle).
+
+    Reads only the first bytes: ``torch.save`` writes a zip archive (``PK``) or, in its legacy
+    format, a pickle (protocol byte ``0x80``), as do Detectron2's ``.pkl`` files.
+    """
+    if "://" in path or not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise UnreadableWeightsError(
+            f"{what} weights {path} is an empty file; expected {WEIGHTS_FORMAT_HINT}"
+        )
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        kind = "a text file" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "not a checkpoint"
+        raise UnreadableWeightsError(
+            f"{what} weights {path} is {kind} (it starts with {head!r}); expected {WEIGHTS_FORMAT_HINT}"
+        )
+
+
+#: names of the layers whose output size follows the class count (classification, per-class boxes)
+_CLASS_LAYER = re.compile(r"cls|class|score|logit|bbox_pred")
+
+
+def class_count_of_weights(
+    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]], num_classes: int
+) -> int | None:
+    """The class count a checkpoint was trained for, when only class-sized outputs differ, else ``None``.
+
+    The model was built for ``num_classes``; each differing tensor must be a classification (or
+    per-class box) layer's and differ in its first dimension only, which is ``k * num_classes`` (RetinaNet: anchors x classes; FCOS/TOOD: classes; box
+    regression per class: 4 x classes) or ``num_classes + 1`` (Faster R-CNN's background column).
+    """
+    found: set[int] = set()
+    for key, got, want in shapes:
+        if not _CLASS_LAYER.search(key) or not got or len(got) != len(want) or got[1:] != want[1:]:
+            return None
+        if want[0] == num_classes + 1:
+            found.add(got[0] - 1)
+        elif want[0] % num_classes == 0 and got[0] % (want[0] // num_classes) == 0:
+            found.add(got[0] // (want[0] // num_classes))
+        else:
+            return None
+    if len(found) != 1:
+        return None
+    count = found.pop()
+    return count if count > 0 and count != num_classes else None
 
 
 def load_weights_checked(model: torch.nn.Module, path: str, what: str = "model") -> None:
     """Load ``path`` with Detectron2's checkpointer and fail when it does not fit the model.
 
     Detectron2 only logs missing keys and skips tensors of the wrong shape; for a teacher or an
-    evaluated model that silently yields a half-random network, so here it is an error.
+    evaluated model that silently yields a half-random network, so here it is an error. A file that
+    is no checkpoint at all raises :class:`UnreadableWeightsError`.
     """
     ck = DetectionCheckpointer(model)
     local = ck.path_manager.get_local_path(path)
-    checkpoint = ck._load_file(local)
+    check_weights_file(local, what)
+    try:
+        checkpoint = ck._load_file(local)
+    except Exception as err:  # a damaged or foreign file: whatever the unpickler trips over
+        raise UnreadableWeightsError(
+            f"{what} weights {path} cannot be read ({type(err).__name__}: {err}); expected {WEIGHTS_FORMAT_HINT}"
+        ) from err
+    if not isinstance(checkpoint.get("model"), dict):
+        raise UnreadableWeightsError(
+            f"{what} weights {path} hold no state dict (found {type(checkpoint.get('model')).__name__}); "
+            f"expected {WEIGHTS_FORMAT_HINT}"
+        )
     incompatible = ck._load_model(checkpoint)
-    shapes = list(incompatible.incorrect_shapes)
-    missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
+    shapes = [(k, tuple(got), tuple(want)) for k, got, want in incompatible.incorrect_shapes]
+    reshaped = {k for k, _, _ in shapes}  # Detectron2 also lists these as missing: they were not loaded
+    missing = [
+        k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked") and k not in reshaped
+    ]
     if shapes or missing:
         detail = []
         if shapes:
             k, got, want = shapes[0]
-            detail.append(
-                f"{len(shapes)} tensors have another shape (e.g. {k}: {tuple(got)} vs {tuple(want)})"
-            )
+            detail.append(f"{len(shapes)} tensors have another shape (e.g. {k}: {got} vs {want})")
         if missing:
             detail.append(f"{len(missing)} model tensors are missing (e.g. {missing[0]})")
+        text = "; ".join(detail)
         raise WeightsMismatchError(
-            f"{what} weights {path} do not fit its config: {'; '.join(detail)}. Pass the config "
-            "these weights were trained with (depth, head, number of classes must match)"
+            f"{what} weights {path} do not fit its config: {text}. Pass the config "
+            "these weights were trained with (depth, head, number of classes must match)",
+            path=path,
+            detail=text,
+            shapes=shapes,
+            missing=missing,
         )
