@@ -86,8 +86,15 @@ def _resnet_depth(cfg: CfgNode) -> int | None:
     return int(cfg.MODEL.RESNETS.DEPTH) if "resnet" in name else None
 
 
+def _is_mobilenet_v2(cfg: CfgNode) -> bool:
+    return "mobilenet_v2" in cfg.MODEL.BACKBONE.NAME
+
+
 def default_imagenet_weights(cfg: CfgNode) -> str:
-    """``torchvision://resnet<depth>`` for a ResNet student; other backbones name their own."""
+    """``torchvision://resnet<depth>`` for a ResNet student, ``torchvision://mobilenet_v2`` for
+    MobileNetV2; other backbones need their weights named."""
+    if _is_mobilenet_v2(cfg):
+        return "torchvision://mobilenet_v2"
     depth = _resnet_depth(cfg)
     if depth is None:
         raise ProfileError(
@@ -250,6 +257,8 @@ def apply_profile(
         return info
 
     cfg.merge_from_file(str(PROFILE_FILE))
+    if _is_mobilenet_v2(cfg):  # the profile's FrozenBN for the backbone in use
+        cfg.MODEL.MOBILENET.NORM = cfg.MODEL.RESNETS.NORM
     per_level = len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0])
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [
         [round(x * 2 ** (i / per_level), 2) for i in range(per_level)] for x in (32, 64, 128, 256, 512)
@@ -303,6 +312,8 @@ def apply_profile(
         cfg.MODEL.WEIGHTS = ""
         cfg.MODEL.BACKBONE.FREEZE_AT = 0
         cfg.MODEL.RESNETS.NORM = "SyncBN" if world_size > 1 else "BN"
+        if _is_mobilenet_v2(cfg):
+            cfg.MODEL.MOBILENET.NORM = cfg.MODEL.RESNETS.NORM
         info.notes.append("from scratch: BatchNorm trained, nothing frozen")
     else:
         cfg.MODEL.WEIGHTS = weights or default_imagenet_weights(cfg)

@@ -2,7 +2,7 @@
 
 A teacher file says, per dataset, which Detectron2 config it uses, where its weights come from
 (a model-zoo URL, a local path, or ``train`` = train it here and cache it) and its reported AP.
-Students are a depth (``r18``/``r34``/``r50``/``r101``) plus a head (``tal``, ``et``, ``dw``,
+Students are a backbone (``r18``/``r34``/``r50``/``r101``, ``mnv2``) plus a head (``tal``, ``et``, ``dw``,
 ``retinanet``, ``fcos``).
 """
 
@@ -123,36 +123,44 @@ def get_teacher(name: str, directory: Path | None = None) -> Teacher:
     return teachers[name]
 
 
-#: student name -> ResNet depth
+#: ResNet student name -> depth
 STUDENT_DEPTHS = {"r18": 18, "r34": 34, "r50": 50, "r101": 101}
-#: head name -> config file pattern (the depth-18 config is the base for r18/r34)
+#: other student backbones: name -> the backbone part of the config names
+STUDENT_BACKBONES = {"mnv2": "MNV2"}
+#: every student name
+STUDENT_NAMES = (*STUDENT_DEPTHS, *STUDENT_BACKBONES)
+#: head name -> config file pattern (the R18 config is the base for r18/r34)
 HEAD_CONFIGS = {
-    "tal": "tood_R{depth}_FPN.yaml",
-    "et": "et_R{depth}_FPN.yaml",
-    "dw": "dw_R{depth}_FPN.yaml",
-    "retinanet": "retinanet_R{depth}_FPN.yaml",
-    "fcos": "fcos_R{depth}_FPN.yaml",
-    "faster_rcnn": "faster_rcnn_R{depth}_FPN.yaml",
+    "tal": "tood_{backbone}_FPN.yaml",
+    "et": "et_{backbone}_FPN.yaml",
+    "dw": "dw_{backbone}_FPN.yaml",
+    "retinanet": "retinanet_{backbone}_FPN.yaml",
+    "fcos": "fcos_{backbone}_FPN.yaml",
+    "faster_rcnn": "faster_rcnn_{backbone}_FPN.yaml",
 }
 DEFAULT_HEAD = "tal"
 
 
 def student_spec(name: str, head: str = DEFAULT_HEAD) -> ModelSpec:
-    """The config for student ``name`` (``r18``, ``r34``, ``r50``, ``r101``) with ``head``.
+    """The config for student ``name`` (``r18``, ``r34``, ``r50``, ``r101``, ``mnv2``) with ``head``.
 
     The config is the embedded-data one; :func:`tbd.profiles.apply_profile` adapts it to COCO or a
     user's data."""
-    if name not in STUDENT_DEPTHS:
-        raise RegistryError(f"unknown student {name!r}; known: {', '.join(STUDENT_DEPTHS)}")
+    if name not in STUDENT_NAMES:
+        raise RegistryError(f"unknown student {name!r}; known: {', '.join(STUDENT_NAMES)}")
     if head not in HEAD_CONFIGS:
         raise RegistryError(f"unknown head {head!r}; choose one of: {', '.join(HEAD_CONFIGS)}")
-    depth = STUDENT_DEPTHS[name]
-    base_depth = 18 if depth < 50 else depth
-    config = CONFIG_DIR / HEAD_CONFIGS[head].format(depth=base_depth)
+    if name in STUDENT_BACKBONES:
+        backbone, opts, described = STUDENT_BACKBONES[name], [], "MobileNetV2"
+    else:
+        depth = STUDENT_DEPTHS[name]
+        base_depth = 18 if depth < 50 else depth
+        backbone, described = f"R{base_depth}", f"R-{depth}"
+        opts = ["MODEL.RESNETS.DEPTH", str(depth)] if depth != base_depth else []
+    config = CONFIG_DIR / HEAD_CONFIGS[head].format(backbone=backbone)
     if not config.is_file():
-        raise RegistryError(f"head {head!r} has no config for R-{base_depth} ({config} is missing)")
-    opts = ["MODEL.RESNETS.DEPTH", str(depth)] if depth != base_depth else []
-    return ModelSpec(name=f"{name}-{head}", config=config, opts=opts, description=f"R-{depth}-FPN {head}")
+        raise RegistryError(f"head {head!r} has no config for {backbone} ({config} is missing)")
+    return ModelSpec(name=f"{name}-{head}", config=config, opts=opts, description=f"{described}-FPN {head}")
 
 
 def teacher_spec(name: str, dataset: str) -> tuple[ModelSpec, TeacherEntry]:
@@ -166,7 +174,7 @@ def teacher_spec(name: str, dataset: str) -> tuple[ModelSpec, TeacherEntry]:
 
 def resolve_model(name: str, head: str | None = None, dataset: str = EMBEDDED_DATASET) -> ModelSpec:
     """A model named on the command line: a student, a teacher, or a config file path."""
-    if name in STUDENT_DEPTHS:
+    if name in STUDENT_NAMES:
         return student_spec(name, head or DEFAULT_HEAD)
     teachers = load_teachers()
     if name in teachers:
@@ -177,7 +185,7 @@ def resolve_model(name: str, head: str | None = None, dataset: str = EMBEDDED_DA
         return ModelSpec(name=Path(name).stem, config=resolve_config_path(name))
     except FileNotFoundError:
         raise RegistryError(
-            f"unknown model {name!r}: not a student ({', '.join(STUDENT_DEPTHS)}), not a teacher "
+            f"unknown model {name!r}: not a student ({', '.join(STUDENT_NAMES)}), not a teacher "
             f"({', '.join(sorted(teachers))}) and not a config file"
         ) from None
 

@@ -79,6 +79,10 @@ def apply_student_profile(cfg: CfgNode, args: argparse.Namespace, train: str) ->
     from tbd.profiles import ProfileError, apply_profile, profile_for_dataset
 
     profile = getattr(args, "profile", None) or profile_for_dataset(train)
+    if getattr(args, "student_weights", None):  # a missing or unreadable file: said before anything else
+        check_weights_arg(
+            args.student_weights, "--student-weights" if hasattr(args, "student") else "--weights"
+        )
     try:
         info = apply_profile(
             cfg,

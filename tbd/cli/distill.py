@@ -43,7 +43,10 @@ def add_parser(sub: Any) -> None:
         help="where teachers trained here are kept (default $TBD_CACHE or ~/.cache/tbd, + /teachers)",
     )
     g.add_argument(
-        "--student", "-s", default="r18", help="student: r18 (default), r34, r50, r101, or a config"
+        "--student",
+        "-s",
+        default="r18",
+        help="student: r18 (default), r34, r50, r101, mnv2 (MobileNetV2), or a config",
     )
     g.add_argument("--head", default="tal", help="student head: tal (default), et, dw, retinanet, fcos")
     g.add_argument(
@@ -177,11 +180,11 @@ def teacher_key(cfg: CfgNode) -> str:
 def student_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
     """The student's own config: its profile for the data, datasets, classes, device and schedule."""
     from tbd.config import load_config
-    from tbd.registry import STUDENT_DEPTHS
+    from tbd.registry import STUDENT_NAMES
 
     spec = _student_spec(args)
     cfg = load_config(spec.config, spec.opts)
-    if args.student in STUDENT_DEPTHS:
+    if args.student in STUDENT_NAMES:
         args.profile_info = common.apply_student_profile(cfg, args, train)
     elif args.student_weights:
         common.check_weights_arg(args.student_weights, "--student-weights")

@@ -16,7 +16,7 @@ def add_parser(sub: Any) -> None:
         description=(
             "List the teachers in teachers/ (one YAML file each): per dataset, the Detectron2 config, "
             "where the weights come from (model-zoo URL, local file, or trained here on first use) "
-            "and the reported AP. Students: r18, r34, r50 with --head tal|et|dw|retinanet|fcos."
+            "and the reported AP. Students: r18, r34, r50, r101, mnv2 with --head tal|et|dw|retinanet|fcos."
         ),
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> None:
         description=(
             "Train one Detectron2 model with tbd's trainer: rich progress, periodic COCO evaluation, "
             "atomic checkpoints, metrics.json and TensorBoard events in --output. MODEL is a student "
-            "(r18, r34, r50 with --head), a teacher name from `tbd teachers`, or a config file."
+            "(r18, r34, r50, r101, mnv2 with --head), a teacher name from `tbd teachers`, or a config file."
         ),
     )
     p.add_argument("--model", "-m", default="r18", help="student, teacher name or config path (default r18)")
@@ -44,19 +44,19 @@ def add_parser(sub: Any) -> None:
 
 def build_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
     from tbd.config import load_config
-    from tbd.registry import STUDENT_DEPTHS, RegistryError, dataset_key, resolve_model
+    from tbd.registry import STUDENT_NAMES, RegistryError, dataset_key, resolve_model
 
     try:
         spec = resolve_model(args.model, args.head, dataset_key(train))
     except RegistryError as err:
         raise UsageError(str(err)) from err
     cfg = load_config(spec.config, spec.opts)
-    if args.model in STUDENT_DEPTHS:
+    if args.model in STUDENT_NAMES:
         args.profile_info = common.apply_student_profile(cfg, args, train)
     else:  # a teacher from the registry or the user's own config: used as written
         if any(getattr(args, k, None) for k in ("profile", "input_size", "schedule", "from_scratch")):
             raise UsageError(
-                f"--profile/--input-size/--schedule/--from-scratch apply to student names ({', '.join(STUDENT_DEPTHS)}); "
+                f"--profile/--input-size/--schedule/--from-scratch apply to student names ({', '.join(STUDENT_NAMES)}); "
                 f"{args.model} is used as its config says (change it with KEY VALUE overrides)"
             )
         if args.student_weights:

@@ -6,9 +6,10 @@
 * a Detectron2 / Caffe2 ``.pkl`` (``detectron2://ImageNetPretrained/MSRA/R-50.pkl``, model-zoo files),
 * a torchvision ResNet state dict (``resnet50-0676ba61.pth``), converted on load to Detectron2's
   names (``stem``, ``res2`` … ``res5``, ``shortcut``, ``norm``),
-* ``torchvision://resnet18`` (``resnet34``, ``resnet50``, ``resnet101``; optionally
-  ``torchvision://resnet50/IMAGENET1K_V2``), resolved through torchvision's weights API, which
-  keeps its files under ``$TORCH_HOME/hub/checkpoints``.
+* ``torchvision://resnet18`` (``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_v2``;
+  optionally ``torchvision://resnet50/IMAGENET1K_V2``), resolved through torchvision's weights API,
+  which keeps its files under ``$TORCH_HOME/hub/checkpoints``,
+* a torchvision ``mobilenet_v2`` state dict, for the MobileNetV2 backbone (tbd.modeling.mobilenet).
 
 A backbone-only file (ImageNet weights) fills the bottom-up backbone; a partial fill (a backbone
 tensor missing in the file, or a file tensor the backbone does not have) is an error unless
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 TORCHVISION_SCHEME = "torchvision://"
 #: the torchvision weights tbd knows how to convert, and their default weights enum member
-TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101")
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2")
 DEFAULT_TORCHVISION_WEIGHTS = "IMAGENET1K_V1"
 
 #: pixel conventions of the two families of ImageNet weights (Detectron2 config values)
@@ -227,9 +228,17 @@ def convert_caffe2_backbone(state: Mapping[str, Any]) -> dict[str, torch.Tensor]
     return {k: _as_tensor(v) for k, v in renamed.items() if _D2_BOTTOM_UP.match(k)}
 
 
+def convert_torchvision_mobilenet_v2(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """torchvision ``mobilenet_v2`` names -> the names of tbd's MobileNetV2 bottom-up network."""
+    from tbd.modeling.mobilenet import convert_torchvision_mobilenet_v2 as convert
+
+    return convert({k: _as_tensor(v) for k, v in state.items()})
+
+
 #: state-dict kind -> converter to Detectron2 bottom-up names (other modules may add theirs)
 BACKBONE_CONVERTERS: dict[str, Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]] = {
     "torchvision-resnet": convert_torchvision_resnet,
+    "torchvision-mobilenet_v2": convert_torchvision_mobilenet_v2,
     "caffe2": convert_caffe2_backbone,
     "detectron2-backbone": lambda s: {k: _as_tensor(v) for k, v in s.items() if _D2_BOTTOM_UP.match(k)},
 }
@@ -285,6 +294,39 @@ def load_backbone_weights(
     return report
 
 
+def load_mobilenet_v2_backbone(
+    model: nn.Module, state: Mapping[str, Any], source: str, kind: str
+) -> WeightsReport:
+    """Load torchvision ``mobilenet_v2`` weights into the model's MobileNetV2 bottom-up network.
+
+    The stages the backbone does not build (``OUT_FEATURES`` stopping early, ``LAST_CONV`` off) are
+    left out of the comparison; every other tensor must fit (tbd.modeling.mobilenet checks it).
+    """
+    from tbd.modeling.mobilenet import WeightsMismatchError, find_mobilenet_v2, load_mobilenet_v2_weights
+
+    target = bottom_up_name(model)
+    module = model.get_submodule(target)
+    try:
+        backbone = find_mobilenet_v2(module)
+    except ValueError:
+        raise WeightsError(
+            f"{source} holds MobileNetV2 weights, but this model's backbone is {type(module).__name__}: "
+            "pick the weights of its backbone (torchvision://resnet18 for R-18, ...)"
+        ) from None
+    try:
+        got = load_mobilenet_v2_weights(backbone, {k: _as_tensor(v) for k, v in state.items()}, source)
+    except WeightsMismatchError as err:
+        raise WeightsError(str(err)) from None
+    total = len([k for k in backbone.state_dict() if not _ignorable(k)])
+    return WeightsReport(source=source, kind=kind, filled=got.loaded, target_total=total, target=target)
+
+
+#: state-dict kinds whose loading depends on what the model builds (checked there, not by names)
+BACKBONE_LOADERS: dict[str, Callable[[nn.Module, Mapping[str, Any], str, str], WeightsReport]] = {
+    "torchvision-mobilenet_v2": load_mobilenet_v2_backbone,
+}
+
+
 def load_model_weights(model: nn.Module, state: Mapping[str, Any], source: str, kind: str) -> WeightsReport:
     """Load a whole-detector checkpoint; tensors of another shape (e.g. a class count) are skipped."""
     own = model.state_dict()
@@ -325,13 +367,15 @@ def load_initial_weights(model: nn.Module, spec: str, allow_partial: bool = Fals
     if not spec:
         return None
     state, kind = read_weights(spec)
-    if kind in BACKBONE_CONVERTERS:
+    if kind in BACKBONE_LOADERS:
+        report = BACKBONE_LOADERS[kind](model, state, spec, kind)
+    elif kind in BACKBONE_CONVERTERS:
         converted = BACKBONE_CONVERTERS[kind](state)
         report = load_backbone_weights(model, converted, spec, kind)
     elif kind.startswith("torchvision-"):
         raise WeightsError(
             f"{spec} is a {kind[len('torchvision-') :]} state dict, which this model's backbone cannot take "
-            "(tbd converts torchvision ResNets here)"
+            "(tbd converts torchvision ResNets and MobileNetV2)"
         )
     else:
         report = load_model_weights(model, state, spec, kind)
