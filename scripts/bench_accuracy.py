@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-cache", type=Path, help="teacher cache (default: the CLI's)")
     p.add_argument("--student", default="r18")
     p.add_argument("--head", default="tal", help="student head for every variant (default tal)")
+    p.add_argument(
+        "--student-weights",
+        default="",
+        help="initial student weights for every variant (e.g. torchvision://mobilenet_v2; default: "
+        "the student profile's, i.e. from scratch on the embedded data)",
+    )
     p.add_argument("--iters", type=int, default=3000, help="student iterations (all variants)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-train-images", type=int, default=2000)
@@ -142,6 +148,8 @@ def run_commands(
     if overrides is None:
         train = [*_tbd(), "train", "--model", args.student, "--head", args.head, "-o", str(run_dir)]
         train += [*resume, *common]
+        if args.student_weights:
+            train += ["--weights", args.student_weights]
         if extra:
             train += ["--", *extra]
         harmony = [*_tbd(), "harmony", "--run", f"student={run_dir}", "-o", str(run_dir / "harmony")]
@@ -152,6 +160,8 @@ def run_commands(
     cmd += ["--student", args.student, "--head", args.head, "-o", str(run_dir), *resume, *common]
     if args.teacher_cache:
         cmd += ["--teacher-cache", str(args.teacher_cache)]
+    if args.student_weights:
+        cmd += ["--student-weights", args.student_weights]
     cmd += ["--", *overrides, *extra]
     return [cmd]
 

@@ -145,3 +145,16 @@ def test_training_stats_read_the_last_logged_step(tmp_path: Path) -> None:
         "distill_share_last": None,
         "twg_w_cls_last": None,
     }
+
+
+def test_student_weights_reach_train_and_distill_commands(tmp_path: Path) -> None:
+    args = bench.parse_args(
+        ["--out", str(tmp_path), "--student", "mnv2", "--student-weights", "torchvision://mobilenet_v2"]
+    )
+    train = bench.run_commands(args, "baseline", None, 0, tmp_path / "baseline" / "seed0")[0]
+    assert train[train.index("--model") + 1] == "mnv2"
+    assert train[train.index("--weights") + 1] == "torchvision://mobilenet_v2"
+    distill = bench.run_commands(args, "tbd_full", [], 0, tmp_path / "tbd_full" / "seed0")[0]
+    assert distill[distill.index("--student-weights") + 1] == "torchvision://mobilenet_v2"
+    plain = bench.parse_args(["--out", str(tmp_path)])
+    assert "--weights" not in bench.run_commands(plain, "baseline", None, 0, tmp_path / "b")[0]
