@@ -59,7 +59,8 @@ def _cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]
     return code, " ".join((captured.out + captured.err).split())
 
 
-_SMALL = ["--batch-size", "2", "--device", "cpu"]
+#: the embedded profile: the test configs as they are (the custom profile would fetch ImageNet weights)
+_SMALL = ["--batch-size", "2", "--device", "cpu", "--profile", "embedded"]
 #: trailing overrides: the tiny images at their own 64 px instead of the configs' 128
 _AT_64PX = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64"]
 _AT_64PX += ["INPUT.MAX_SIZE_TEST", "64"]

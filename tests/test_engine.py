@@ -279,6 +279,7 @@ class _BucketsAtStart(HookBase):
         self.sizes = [len(b) for b in self.trainer.data_loader._buckets]
 
 
+@pytest.mark.slow  # ~1-2 min; the SIGTERM/SGD resume test covers exact resume in `make test`
 def test_resume_from_periodic_checkpoint_is_exact_with_adamw_flips_workers_mixed_aspect(
     tmp_path: Path,
 ) -> None:

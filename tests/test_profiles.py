@@ -230,6 +230,7 @@ def _coco_layout(root: Path) -> None:
             f.rename(root / "coco" / split / f.name)
 
 
+@pytest.mark.slow  # 800 px on CPU: 1.5-6 min (make test-all)
 def test_distill_on_coco_layout_builds_the_coco_profile(tmp_path: Path) -> None:
     """`tbd distill --dataset coco_2017`: COCO-profile student and teacher, 2 iterations, from a fresh dir."""
     from detectron2.modeling import build_model
