@@ -83,6 +83,19 @@ def test_coco_profile_schedules_and_the_linear_scaling_rule() -> None:
     assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 0  # DefaultTrainer must not scale a second time
 
 
+def test_iters_compresses_the_profile_schedule_with_its_tal_warmup() -> None:
+    from tbd.cli.common import set_iterations
+
+    cfg = _student_cfg()
+    apply_profile(cfg, "coco", train_name="coco_2017_train")
+    set_iterations(cfg, 900)  # --iters 900: 1/100 of 1x
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS), cfg.SOLVER.WARMUP_ITERS) == (900, (600, 800), 90)
+    assert cfg.MODEL.TAL.WARMUP_ITERS == 293  # ATSS for the first third, as in 1x (29316 of 90000)
+    embedded = _student_cfg()
+    set_iterations(embedded, 50)
+    assert embedded.MODEL.TAL.WARMUP_ITERS == 0  # no warm-up stays none
+
+
 def test_coco_profile_faster_rcnn_gets_one_anchor_size_per_level() -> None:
     cfg = _student_cfg("r50", "faster_rcnn")
     apply_profile(cfg, "coco", train_name="coco_2017_train")

@@ -104,6 +104,21 @@ def apply_student_profile(cfg: CfgNode, args: argparse.Namespace, train: str) ->
     return info
 
 
+def set_iterations(cfg: CfgNode, iters: int) -> None:
+    """``--iters``: the schedule compressed to ``iters`` (LR steps and the TAL warm-up keep their share)."""
+    old = cfg.SOLVER.MAX_ITER
+    cfg.SOLVER.MAX_ITER = iters
+    steps = sorted({int(s * iters / old) for s in cfg.SOLVER.STEPS if s < old} - {0})
+    cfg.SOLVER.STEPS = tuple(x for x in steps if x < iters) if len(steps) < iters else ()
+    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
+    cfg.SOLVER.CHECKPOINT_PERIOD = min(cfg.SOLVER.CHECKPOINT_PERIOD, iters)
+    if "TAL" in cfg.MODEL and cfg.MODEL.TAL.WARMUP_ITERS > 0:
+        # the ATSS warm-up is part of the schedule (TOOD: 4 of 12 epochs): it shrinks with it
+        cfg.MODEL.TAL.WARMUP_ITERS = max(1, int(cfg.MODEL.TAL.WARMUP_ITERS * iters / old))
+    if cfg.TEST.EVAL_PERIOD > iters:
+        cfg.TEST.EVAL_PERIOD = 0
+
+
 def check_weights_arg(spec: str, flag: str) -> None:
     """Fail before training when a local weights file named on the command line is absent."""
     from tbd.engine.checkpoint import UnreadableWeightsError, check_weights_file
@@ -233,14 +248,7 @@ def apply_common(cfg: CfgNode, args: argparse.Namespace, train: str, test: str) 
         cfg.TBD.DATA_DIR = args.data_dir
     iters = getattr(args, "iters", None)
     if iters:
-        old = cfg.SOLVER.MAX_ITER
-        cfg.SOLVER.MAX_ITER = iters
-        steps = sorted({int(s * iters / old) for s in cfg.SOLVER.STEPS if s < old} - {0})
-        cfg.SOLVER.STEPS = tuple(x for x in steps if x < iters) if len(steps) < iters else ()
-        cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, max(1, iters // 10))
-        cfg.SOLVER.CHECKPOINT_PERIOD = min(cfg.SOLVER.CHECKPOINT_PERIOD, iters)
-        if cfg.TEST.EVAL_PERIOD > iters:
-            cfg.TEST.EVAL_PERIOD = 0
+        set_iterations(cfg, iters)
     if getattr(args, "batch_size", None):
         cfg.SOLVER.IMS_PER_BATCH = args.batch_size
     if getattr(args, "lr", None):
