@@ -130,13 +130,14 @@ class CoDETR(nn.Module):
 
         # Co-DETR: multi-scale adapter (extra levels below the coarsest encoder map) + aux heads
         extra = int(c.ADAPTER_EXTRA_LEVELS)
-        self.adapter = nn.ModuleList(_proj(d, d, 3, 2) for _ in range(extra))
         self.pyramid_strides = strides + [strides[-1] * 2 ** (i + 1) for i in range(extra)]
         builder = aux_heads_builder if aux_heads_builder is not None else aux_api.AUX_HEADS_BUILDER
         self.aux_heads = (
             builder(cfg, d, list(self.pyramid_strides)) if builder is not None else nn.ModuleList()
         )
         k = len(self.aux_heads)
+        # without auxiliary heads nothing reads the pyramid: no adapter (no parameter DDP would miss)
+        self.adapter = nn.ModuleList(_proj(d, d, 3, 2) for _ in range(extra if k else 0))
         self.pos_box_trans = nn.ModuleList(
             nn.Sequential(nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d)) for _ in range(k)
         )
@@ -407,6 +408,10 @@ class CoDETR(nn.Module):
                 q = self.positive_queries(i, out.positives, pyramid, images)
                 if q is not None:
                     branches.append(self.branch_losses(*self.run_positive_branch(state, q), q))
+                else:  # no positive in the batch: a zero that still reaches the branch's own
+                    # parameters, so that DistributedDataParallel sees every parameter used
+                    unused = [*self.pos_box_trans[i].parameters(), *self.pos_feat_trans[i].parameters()]
+                    branches.append([{"cls": sum(p.sum() * 0.0 for p in unused)}])
         return combine_losses(
             decoder, proposal, branches, encoder_heads, self.lambda1, self.lambda2, self.enc_weight_per_layer
         )
