@@ -338,3 +338,26 @@ def test_optimizer_applies_the_detr_lr_factors_and_full_model_clipping() -> None
     opt.step()
     total = torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
     assert total.item() == pytest.approx(0.1, rel=1e-3)
+
+
+def test_coco_config_builds_the_published_sizes_and_runs_at_real_resolution_shapes() -> None:
+    cfg = load_config("codetr_R50_COCO")
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model, CoDETR)
+    assert (model.hidden_dim, model.num_queries, len(model.decoder.layers), len(model.encoder.layers)) == (
+        256,
+        300,
+        6,
+        6,
+    )
+    assert model.pyramid_strides == [8, 16, 32, 64, 128]
+    model.eval()
+    batch = synthetic_batch(2, (96, 130), 1)
+    batch[1]["image"] = batch[1]["image"][:, :80, :100]  # a smaller image: padding masks in play
+    batch[1]["height"], batch[1]["width"] = 80, 100
+    with torch.no_grad():
+        out = model(batch)
+    assert [r["instances"].image_size for r in out] == [(96, 130), (80, 100)]
+    assert all(len(r["instances"]) == 100 for r in out)
