@@ -191,6 +191,20 @@ def test_training_step_gives_finite_losses_and_gradients_everywhere() -> None:
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(name) and p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads), name
         assert any(g.abs().sum() > 0 for g in grads), name
+    # every trainable parameter takes part (no DistributedDataParallel find_unused_parameters)
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+@pytest.mark.parametrize(
+    "opts", [(), ("MODEL.CODETR.TWO_STAGE", "False", "MODEL.CODETR.BOX_REFINE", "False")]
+)
+def test_batch_without_objects_and_one_stage_variant_train(opts: tuple[str, ...]) -> None:
+    model = _model(*opts)
+    model.train()
+    losses = model(synthetic_batch(2, 64, [0, 0]))
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 def _gt_positives(batch: list[dict]) -> list[AuxPositives]:  # type: ignore[type-arg]

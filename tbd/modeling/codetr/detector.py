@@ -301,7 +301,7 @@ class CoDETR(nn.Module):
             if n == 0:
                 continue
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            boxes[i, :n] = xyxy_to_cxcywh(p.boxes.to(self.device).float() / scale).clamp(0.0, 1.0)
+            boxes[i, :n] = xyxy_to_cxcywh(p.boxes.detach().to(self.device).float() / scale).clamp(0.0, 1.0)
             gt_boxes[i, :n] = xyxy_to_cxcywh(p.gt_boxes.to(self.device).float() / scale)
             gt_classes[i, :n] = p.gt_classes.to(self.device)
             flat_index[i, :n] = starts[p.levels.to(self.device)] + p.locations.to(self.device)

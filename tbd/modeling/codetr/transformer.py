@@ -179,7 +179,7 @@ class DeformableDecoder(nn.Module):
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Returns the per-layer hidden states ``[B, Q, C]`` and predicted boxes ``[B, Q, 4]``."""
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # [B, 1, L, 4]
-        ref = reference.detach()
+        ref = reference  # detached by the caller where it must be (two-stage); later layers' always are
         states, boxes = [], []
         out = tgt
         for lvl, layer in enumerate(self.layers):
