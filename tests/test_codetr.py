@@ -375,3 +375,28 @@ def test_coco_config_builds_the_published_sizes_and_runs_at_real_resolution_shap
         out = model(batch)
     assert [r["instances"].image_size for r in out] == [(96, 130), (80, 100)]
     assert all(len(r["instances"]) == 100 for r in out)
+
+
+def test_deformable_attention_module_places_offsets_in_cells_and_box_fractions() -> None:
+    from tbd.modeling.codetr.deform_attn import MSDeformAttn
+
+    attn = MSDeformAttn(d_model=4, n_levels=1, n_heads=1, n_points=1).double()
+    with torch.no_grad():
+        for lin in (attn.value_proj, attn.output_proj):
+            lin.weight.copy_(torch.eye(4))
+            lin.bias.zero_()
+        attn.sampling_offsets.weight.zero_()
+    shapes = torch.tensor([[4, 8]])  # H 4, W 8
+    ys, xs = torch.meshgrid(torch.arange(4.0), torch.arange(8.0), indexing="ij")
+    value = torch.stack([xs, ys, xs * 0, xs * 0 + 1], -1).reshape(1, 32, 4).double()  # channels: column, row
+    query = torch.zeros(1, 1, 4, dtype=torch.float64)
+    centre = torch.tensor([[[[(2 + 0.5) / 8, (1 + 0.5) / 4]]]], dtype=torch.float64)  # cell (x 2, y 1)
+    with torch.no_grad():
+        attn.sampling_offsets.bias.copy_(torch.tensor([1.0, 2.0]))  # one cell right, two down
+        out = attn(query, centre, value, shapes)
+        assert out[0, 0, :2].tolist() == pytest.approx([3.0, 3.0])
+        # a box reference: the offset is a fraction of half the box (w 0.5 -> 2 columns per unit)
+        box = torch.cat([centre, torch.tensor([[[[0.5, 0.5]]]], dtype=torch.float64)], -1)
+        attn.sampling_offsets.bias.copy_(torch.tensor([1.0, 0.0]))
+        out = attn(query, box, value, shapes)
+        assert out[0, 0, :2].tolist() == pytest.approx([2.0 + 0.25 * 8, 1.0])
