@@ -400,3 +400,15 @@ def test_deformable_attention_module_places_offsets_in_cells_and_box_fractions()
         attn.sampling_offsets.bias.copy_(torch.tensor([1.0, 0.0]))
         out = attn(query, box, value, shapes)
         assert out[0, 0, :2].tolist() == pytest.approx([2.0 + 0.25 * 8, 1.0])
+
+
+def test_positives_outside_the_pyramid_are_a_clear_error() -> None:
+    model = _model(builder=_centre_heads)
+    batch = synthetic_batch(2, 64, 1)
+    images = model.preprocess(batch)
+    pyramid = model.pyramid(model.encode(images))
+    positives = _gt_positives(batch)
+    assert model.positive_queries(0, positives, pyramid, images) is not None
+    positives[1].locations = positives[1].locations + 64  # level 0 is 8 x 8
+    with pytest.raises(ValueError, match="outside the pyramid"):
+        model.positive_queries(0, positives, pyramid, images)

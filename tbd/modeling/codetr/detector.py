@@ -304,7 +304,17 @@ class CoDETR(nn.Module):
             boxes[i, :n] = xyxy_to_cxcywh(p.boxes.detach().to(self.device).float() / scale).clamp(0.0, 1.0)
             gt_boxes[i, :n] = xyxy_to_cxcywh(p.gt_boxes.to(self.device).float() / scale)
             gt_classes[i, :n] = p.gt_classes.to(self.device)
-            flat_index[i, :n] = starts[p.levels.to(self.device)] + p.locations.to(self.device)
+            levels, locations = p.levels.to(self.device), p.locations.to(self.device)
+            sizes_t = torch.tensor(sizes, device=self.device)
+            if bool(((levels < 0) | (levels >= len(sizes))).any()) or bool(
+                ((locations < 0) | (locations >= sizes_t[levels.clamp(0, len(sizes) - 1)])).any()
+            ):
+                raise ValueError(
+                    f"auxiliary head {head} ({getattr(self.aux_heads[head], 'name', '?')}) gave positives "
+                    f"outside the pyramid: levels must be in [0, {len(sizes)}) and locations index the "
+                    "padded map of their level (y * W_l + x)"
+                )
+            flat_index[i, :n] = starts[levels] + locations
             valid[i, :n] = True
         query_pos, tgt = self.pos_box_trans[head](box_position_embedding(boxes, d // 2)).split(d, -1)
         if self.pos_query_features:
