@@ -371,10 +371,13 @@ def test_coco_config_builds_the_published_sizes_and_runs_at_real_resolution_shap
     batch = synthetic_batch(2, (96, 130), 1)
     batch[1]["image"] = batch[1]["image"][:, :80, :100]  # a smaller image: padding masks in play
     batch[1]["height"], batch[1]["width"] = 80, 100
+    batch.append({"image": batch[0]["image"][:, :40, :40], "height": 40, "width": 40})  # below stride 64
     with torch.no_grad():
         out = model(batch)
-    assert [r["instances"].image_size for r in out] == [(96, 130), (80, 100)]
-    assert all(len(r["instances"]) == 100 for r in out)
+    assert [r["instances"].image_size for r in out] == [(96, 130), (80, 100), (40, 40)]
+    assert all(
+        len(r["instances"]) == 100 and torch.isfinite(r["instances"].pred_boxes.tensor).all() for r in out
+    )
 
 
 def test_deformable_attention_module_places_offsets_in_cells_and_box_fractions() -> None:

@@ -219,8 +219,9 @@ class CoDETR(nn.Module):
             pos.append(pe.flatten(2).transpose(1, 2) + self.level_embed[lvl])
             masks.append(mask.flatten(1))
             shapes.append(src.shape[-2:])
-            valid_h = (~mask[:, :, 0]).sum(1).to(src.dtype) / mask.shape[1]
-            valid_w = (~mask[:, 0, :]).sum(1).to(src.dtype) / mask.shape[2]
+            # at least one cell: an image smaller than a coarse level's stride would get no cell
+            valid_h = (~mask[:, :, 0]).sum(1).clamp(min=1).to(src.dtype) / mask.shape[1]
+            valid_w = (~mask[:, 0, :]).sum(1).clamp(min=1).to(src.dtype) / mask.shape[2]
             ratios.append(torch.stack([valid_w, valid_h], -1))
         shapes_t = torch.as_tensor(shapes, dtype=torch.long, device=self.device)
         padding = torch.cat(masks, 1)
@@ -244,8 +245,8 @@ class CoDETR(nn.Module):
         start = 0
         for lvl, (h, w) in enumerate(state.shapes.tolist()):
             mask = state.padding[:, start : start + h * w].view(b, h, w)
-            valid_h = (~mask[:, :, 0]).sum(1).to(state.memory.dtype)
-            valid_w = (~mask[:, 0, :]).sum(1).to(state.memory.dtype)
+            valid_h = (~mask[:, :, 0]).sum(1).clamp(min=1).to(state.memory.dtype)
+            valid_w = (~mask[:, 0, :]).sum(1).clamp(min=1).to(state.memory.dtype)
             ys, xs = torch.meshgrid(
                 torch.arange(h, dtype=state.memory.dtype, device=self.device),
                 torch.arange(w, dtype=state.memory.dtype, device=self.device),
