@@ -47,6 +47,7 @@ def _extensions() -> list[Callable[[CN], None]]:
         ("tbd.modeling.tal", "add_tal_config"),
         ("tbd.modeling.dw", "add_dw_config"),
         ("tbd.modeling.mobilenet", "add_mobilenet_config"),
+        ("tbd.modeling.codetr", "add_codetr_config"),
         ("tbd.distill.config", "add_tbd_config"),
     ):
         try:

@@ -222,7 +222,7 @@ def resolve_datasets(args: argparse.Namespace, need_train: bool = True) -> tuple
 
 def set_num_classes(cfg: CfgNode, num_classes: int) -> None:
     """Set the class count of every head family that the config knows."""
-    for section in ("RETINANET", "ROI_HEADS", "FCOS", "TOOD", "ETHEAD", "DW", "SEM_SEG_HEAD"):
+    for section in ("RETINANET", "ROI_HEADS", "FCOS", "TOOD", "ETHEAD", "DW", "CODETR", "SEM_SEG_HEAD"):
         node = cfg.MODEL.get(section)
         if node is not None and "NUM_CLASSES" in node:
             node.NUM_CLASSES = num_classes
