@@ -47,6 +47,7 @@ def _extensions() -> list[Callable[[CN], None]]:
         ("tbd.modeling.tal.assigner", "add_tal_config"),
         ("tbd.modeling.dw.detector", "add_dw_config"),
         ("tbd.modeling.backbones.mobilenet", "add_mobilenet_config"),
+        ("tbd.modeling.aux.config", "add_aux_heads_config"),
         ("tbd.distill.config", "add_tbd_config"),
     ):
         try:
