@@ -68,7 +68,9 @@ def test_head_weight_scales_every_loss() -> None:
     losses = {}
     for w in (1.0, 2.0):
         torch.manual_seed(0)
-        losses[w] = ATSSAuxHead(32, [8], 3, topk=3, anchor_scale=2.0, weight=w)(feats, [(32, 32)], [gt]).losses
+        losses[w] = ATSSAuxHead(32, [8], 3, topk=3, anchor_scale=2.0, weight=w)(
+            feats, [(32, 32)], [gt]
+        ).losses
     for key, value in losses[1.0].items():
         assert torch.allclose(losses[2.0][key], 2 * value)
 
