@@ -62,16 +62,20 @@ def test_centerness_target_hand_worked() -> None:
     assert torch.allclose(centerness_target(ltrb), torch.tensor([0.5, 1.0]))
 
 
-def test_head_weight_scales_every_loss() -> None:
+@pytest.mark.parametrize("cls_loss,centerness", [("focal", True), ("qfl", True), ("focal", False)])
+def test_head_weight_scales_every_loss(cls_loss: str, centerness: bool) -> None:
     gt = _instances([[5, 3, 21, 17]], [1], (32, 32))
     feats = [torch.randn(1, 32, 4, 4)]
     losses = {}
     for w in (1.0, 2.0):
         torch.manual_seed(0)
-        losses[w] = ATSSAuxHead(32, [8], 3, topk=3, anchor_scale=2.0, weight=w)(
-            feats, [(32, 32)], [gt]
-        ).losses
+        head = ATSSAuxHead(
+            32, [8], 3, topk=3, anchor_scale=2.0, weight=w, cls_loss=cls_loss, centerness=centerness
+        )
+        losses[w] = head(feats, [(32, 32)], [gt]).losses
+    assert ("loss_aux_atss_ctr" in losses[1.0]) == centerness
     for key, value in losses[1.0].items():
+        assert torch.isfinite(value) and value > 0
         assert torch.allclose(losses[2.0][key], 2 * value)
 
 
