@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Benchmark: the DW loss on candidate pairs vs its dense ``[B, P, G]`` form, vs GT count and pyramid.
 
-``sparse`` is :class:`tbd.modeling.dw_loss.DWLoss` (what training runs: only the (point, GT) pairs
+``sparse`` is :class:`tbd.modeling.dw.loss.DWLoss` (what training runs: only the (point, GT) pairs
 with the point inside the GT carry a pairwise quantity); ``dense`` is
-:func:`tbd.modeling.dw_reference.dense_dw_loss` (the former implementation: every pairwise quantity
+:func:`tbd.modeling.dw.reference.dense_dw_loss` (the former implementation: every pairwise quantity
 as a ``[B, P, G]`` tensor). Both compute the same three terms (the dual weights -- candidate set,
 centre prior, GIoU/IoU, p_pos, w_pos, P_neg, w_neg -- and the weighted losses); the table prints
 the forward (weights + losses) and backward times, the peak memory of forward + backward, and the
@@ -39,8 +39,8 @@ def _case(impl: str, num_gts: int, pyramid: str, reps: int, batch: int, threads:
     torch.set_num_threads(threads)
 
     import tbd  # noqa: F401  (compat shims)
-    from tbd.modeling.dw_loss import DWLoss, DWLossConfig
-    from tbd.modeling.dw_reference import dense_dw_loss
+    from tbd.modeling.dw.loss import DWLoss, DWLossConfig
+    from tbd.modeling.dw.reference import dense_dw_loss
     from tbd.ops.boxes import grid_points, pad_boxes
 
     torch.manual_seed(0)

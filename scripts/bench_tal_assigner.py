@@ -96,8 +96,8 @@ def _case(
 
     torch.set_num_threads(threads)
 
-    from tbd.modeling.tal import TaskAlignedAssigner
-    from tbd.modeling.tal_reference import reference_assign
+    from tbd.modeling.tal.assigner import TaskAlignedAssigner
+    from tbd.modeling.tal.reference import reference_assign
     from tbd.ops.boxes import grid_points, pad_boxes
 
     torch.manual_seed(0)

@@ -233,8 +233,8 @@ def _part_cases(
     gts, level_boxes, scores, pred, points, strides, ltrb, c
 ) -> list[tuple[str, Callable[[], None]]]:  # noqa: ANN001
     from tbd.distill.task_probs import regression_probability
-    from tbd.modeling.dw_loss import DWLoss, DWLossConfig
-    from tbd.modeling.tal import TaskAlignedAssigner
+    from tbd.modeling.dw.loss import DWLoss, DWLossConfig
+    from tbd.modeling.tal.assigner import TaskAlignedAssigner
 
     gt_boxes, gt_labels, gt_mask = gts
     b, p = pred.shape[:2]

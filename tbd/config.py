@@ -40,13 +40,14 @@ def add_project_config(cfg: CN) -> None:
 
 def _extensions() -> list[Callable[[CN], None]]:
     """Every ``add_*_config`` of the project, in a fixed order."""
-    from tbd.modeling.fcos import add_fcos_config
+    from tbd.modeling.fcos.detector import add_fcos_config
 
     found: list[Callable[[CN], None]] = [add_project_config, add_fcos_config]
     for module, name in (
-        ("tbd.modeling.tal", "add_tal_config"),
-        ("tbd.modeling.dw", "add_dw_config"),
-        ("tbd.modeling.mobilenet", "add_mobilenet_config"),
+        ("tbd.modeling.tal.assigner", "add_tal_config"),
+        ("tbd.modeling.dw.detector", "add_dw_config"),
+        ("tbd.modeling.backbones.mobilenet", "add_mobilenet_config"),
+        ("tbd.modeling.aux_heads.config", "add_aux_heads_config"),
         ("tbd.modeling.codetr", "add_codetr_config"),
         ("tbd.distill.config", "add_tbd_config"),
     ):

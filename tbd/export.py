@@ -14,21 +14,35 @@ import torch
 from detectron2.config import CfgNode
 
 STUDENT_PREFIX = "student."
+#: tensors of training-only modules (the auxiliary heads of MODEL.AUX_HEADS), never exported
+TRAINING_ONLY_PREFIXES = ("aux_heads.",)
+
+
+def without_training_only(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without the tensors of training-only modules (``aux_heads.*``)."""
+    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
 
 
 def student_state_dict(model_state: dict[str, Any]) -> dict[str, Any]:
-    """The student's tensors of a distiller (or plain) state dict, keys without ``student.``."""
+    """The student's tensors of a distiller (or plain) state dict, keys without ``student.``,
+    without training-only modules (auxiliary heads)."""
     if not any(k.startswith(STUDENT_PREFIX) for k in model_state):
-        return dict(model_state)  # already a plain student checkpoint
-    return {k[len(STUDENT_PREFIX) :]: v for k, v in model_state.items() if k.startswith(STUDENT_PREFIX)}
+        return without_training_only(dict(model_state))  # already a plain student checkpoint
+    return without_training_only(
+        {k[len(STUDENT_PREFIX) :]: v for k, v in model_state.items() if k.startswith(STUDENT_PREFIX)}
+    )
 
 
 def student_cfg(cfg: CfgNode) -> CfgNode:
-    """The student's own config from a distillation config (no-op for a plain one)."""
+    """The student's own config from a distillation config, for inference: its meta-architecture,
+    and the training-only auxiliary heads (``MODEL.AUX_HEADS``) off."""
     out = cfg.clone()
     out.defrost()
     if out.MODEL.META_ARCHITECTURE == "TBDistiller":
         out.MODEL.META_ARCHITECTURE = out.DISTILL.STUDENT_META_ARCHITECTURE
+    if "AUX_HEADS" in out.MODEL:
+        out.MODEL.AUX_HEADS.NAMES = []
+        out.MODEL.AUX_HEADS.WEIGHTS = []
     return out
 
 

@@ -415,3 +415,30 @@ def test_positives_outside_the_pyramid_are_a_clear_error() -> None:
     positives[1].locations = positives[1].locations + 64  # level 0 is 8 x 8
     with pytest.raises(ValueError, match="outside the pyramid"):
         model.positive_queries(0, positives, pyramid, images)
+
+
+def test_codetr_trains_with_the_real_atss_and_rcnn_heads() -> None:
+    """The configs' aux heads (tbd.modeling.aux_heads) plugged into CoDETR: their one-to-many losses
+    and their positives' query branches are trained; inference is unchanged by them."""
+    from detectron2.utils.events import EventStorage
+
+    from tbd.modeling.aux_heads.atss import ATSSAuxHead
+    from tbd.modeling.aux_heads.rcnn import RCNNAuxHead
+
+    cfg = load_config("codetr_R18", [*TINY, "MODEL.AUX_HEADS.NAMES", "['atss', 'rcnn']"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert [type(h) for h in model.aux_heads] == [ATSSAuxHead, RCNNAuxHead]
+    assert all(h.weight == 1.0 for h in model.aux_heads)  # lambda2 is CoDETR's, not the head's
+    model.train()
+    with EventStorage():  # Detectron2's RPN/RoI heads log scalars, as in any training step
+        losses = model(synthetic_batch(2, 64, [3, 2]))
+    assert {"loss_aux_atss_cls", "loss_aux_rcnn_cls", "loss_pos0_cls", "loss_pos1_cls"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for prefix in ("aux_heads.0", "aux_heads.1", "pos_box_trans.0", "pos_box_trans.1", "decoder"):
+        assert any(
+            p.grad is not None and p.grad.abs().sum() > 0
+            for n, p in model.named_parameters()
+            if n.startswith(prefix)
+        ), prefix

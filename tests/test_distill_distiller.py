@@ -165,7 +165,7 @@ def test_probe_matches_model_internals(retina_pair: TBDistiller) -> None:
         ("fcos_R18_FPN", "retinanet_R18_FPN", [], [8, 16, 32, 64, 128]),
         # FCOS teacher -> Faster R-CNN student
         ("faster_rcnn_R18_FPN", "fcos_R18_FPN", [], [8, 16, 32, 64]),
-        # tbd's own student heads (probe adapters in tbd/modeling/*_probe.py)
+        # tbd's own student heads (probe adapters in tbd/modeling/*/probe.py)
         ("tood_R18_FPN", "retinanet_R18_FPN", [], [8, 16, 32, 64, 128]),
         ("et_R18_FPN", "retinanet_R18_FPN", [], [8, 16, 32, 64, 128]),
         ("dw_R18_FPN", "fcos_R18_FPN", [], [8, 16, 32, 64, 128]),

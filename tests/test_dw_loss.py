@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tbd.modeling.dw_loss import DWLoss, DWLossConfig
+from tbd.modeling.dw.loss import DWLoss, DWLossConfig
 
 # GT (0, 0, 16, 16), class 1 of 2. A: centre, exact box. B: inside, box (0, 0, 12, 16), IoU 0.75.
 # C: outside the GT (a plain negative).
@@ -123,8 +123,8 @@ def _random_batch(seed: int, b: int = 3, c: int = 4, g: int = 9):
 @pytest.mark.parametrize("chunk", [2**24, 100])
 def test_sparse_loss_matches_dense_values_and_gradients(seed: int, chunk: int) -> None:
     """Only candidate pairs are kept; the three terms and their gradients equal the dense [B, P, G] form."""
-    from tbd.modeling.dw_loss import candidate_pairs
-    from tbd.modeling.dw_reference import dense_dw_loss
+    from tbd.modeling.dw.loss import candidate_pairs
+    from tbd.modeling.dw.reference import dense_dw_loss
 
     logits, ltrb, ctr, points, strides, gt_boxes, gt_labels, gt_mask, c = _random_batch(seed)
     cfg = DWLossConfig(num_classes=c, max_chunk_elements=chunk)
@@ -151,7 +151,7 @@ def test_sparse_loss_matches_dense_values_and_gradients(seed: int, chunk: int) -
 def test_sparse_loss_saved_memory_grows_with_candidates_not_gts() -> None:
     """Adding 300 GTs that contain no point leaves what autograd keeps unchanged (the dense form
     keeps [B, P, G] tensors for the backward)."""
-    from tbd.modeling.dw_reference import dense_dw_loss
+    from tbd.modeling.dw.reference import dense_dw_loss
 
     logits, ltrb, ctr, points, strides, gt_boxes, gt_labels, gt_mask, c = _random_batch(0)
     cfg = DWLossConfig(num_classes=c)

@@ -13,7 +13,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from tbd.config import get_cfg, load_config
-from tbd.modeling.dw import DWDetector
+from tbd.modeling.dw.detector import DWDetector
 
 SMALL = ["MODEL.FPN.OUT_CHANNELS", "64", "MODEL.DW.NUM_CONVS", "2"]
 
@@ -125,7 +125,7 @@ def test_inference_returns_rescaled_instances():
 
 def test_probe_adapter_reads_the_head_through_a_hook():
     from tbd.distill.probes import Probe, get_probe_adapter
-    from tbd.modeling.dw_probe import DWProbeAdapter
+    from tbd.modeling.dw.probe import DWProbeAdapter
 
     model = _model()
     model.eval()

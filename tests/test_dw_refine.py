@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tbd.modeling.dw_refine import BoxRefinement, refine_ltrb
+from tbd.modeling.dw.refine import BoxRefinement, refine_ltrb
 from tbd.ops.boxes import aligned_iou, grid_points, ltrb_decode
 
 GT = (12.0, 12.0, 52.0, 44.0)

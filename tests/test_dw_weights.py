@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from tbd.modeling.dw_loss import neg_log_one_minus_exp
-from tbd.modeling.dw_weights import (
+from tbd.modeling.dw.loss import neg_log_one_minus_exp
+from tbd.modeling.dw.weights import (
     center_prior,
     class_negative_probability,
     negative_probability,

@@ -7,8 +7,8 @@ import torch
 from detectron2.modeling import build_model
 
 from tbd.config import load_config
-from tbd.modeling.et_head import ETHead, ETHeadOutput
-from tbd.modeling.tal_testing import TINY_OPTS, freeze_assignment, shapes_batch, train_steps
+from tbd.modeling.tal.et_head import ETHead, ETHeadOutput
+from tbd.modeling.tal.testing import TINY_OPTS, freeze_assignment, shapes_batch, train_steps
 
 OPTS = [*TINY_OPTS, "MODEL.ETHEAD.FEAT_CHANNELS", "64"]
 

@@ -27,15 +27,15 @@ from tbd.distill.losses import (
 )
 from tbd.distill.task_probs import classification_probability, harmony_score, regression_probability
 from tbd.distill.twg import TaskWeightGenerator
-from tbd.modeling.dw_loss import DWLoss, DWLossConfig
-from tbd.modeling.dw_weights import (
+from tbd.modeling.dw.loss import DWLoss, DWLossConfig
+from tbd.modeling.dw.weights import (
     center_prior,
     class_negative_probability,
     negative_probability,
     negative_weights,
     positive_weights,
 )
-from tbd.modeling.tal import TaskAlignedAssigner, task_aligned_losses
+from tbd.modeling.tal.assigner import TaskAlignedAssigner, task_aligned_losses
 from tbd.ops.boxes import aligned_iou, grid_points, pad_boxes, pairwise_iou, points_in_boxes
 
 FUZZ = settings(deadline=None, max_examples=30)

@@ -14,7 +14,7 @@ from weights_util import INSTALL_HINT, MOBILENET_V2_FILE, offline_weights_file, 
 
 from tbd.config import load_config
 from tbd.engine.weights import WeightsError, load_initial_weights
-from tbd.modeling.mobilenet import MobileNetV2
+from tbd.modeling.backbones.mobilenet import MobileNetV2
 from tbd.profiles import apply_profile
 from tbd.registry import HEAD_CONFIGS, STUDENT_NAMES, RegistryError, student_spec
 
@@ -84,7 +84,7 @@ def test_torchvision_mobilenet_v2_fills_the_student_backbone(torch_home: Path) -
     assert report.filled == report.target_total == 260 and report.complete
     assert report.summary().endswith("260/260 backbone.bottom_up tensors filled")
     tv = torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1").state_dict()
-    # features.14 is the first block of m5 (see tbd.modeling.mobilenet's stage table)
+    # features.14 is the first block of m5 (see tbd.modeling.backbones.mobilenet's stage table)
     assert torch.equal(model.backbone.bottom_up.m5[0].expand.weight, tv["features.14.conv.0.0.weight"])
     assert torch.equal(model.backbone.bottom_up.stem.conv1.weight, tv["features.0.0.weight"])
 

@@ -22,7 +22,7 @@ from PIL import Image
 from weights_util import INSTALL_HINT, MOBILENET_V2_FILE, offline_weights_file, plant_torch_home
 
 from tbd.config import load_config
-from tbd.modeling.mobilenet import (
+from tbd.modeling.backbones.mobilenet import (
     TORCHVISION_INPUT_FORMAT,
     TORCHVISION_PIXEL_MEAN,
     TORCHVISION_PIXEL_STD,
@@ -31,7 +31,7 @@ from tbd.modeling.mobilenet import (
     convert_torchvision_mobilenet_v2,
     load_mobilenet_v2_weights,
 )
-from tbd.modeling.tal_testing import TINY_OPTS, shapes_batch, train_steps
+from tbd.modeling.tal.testing import TINY_OPTS, shapes_batch, train_steps
 
 ALL_STAGES = ["stem", "m2", "m3", "m4", "m5"]
 #: our stage -> the torchvision ``features`` index whose output it is

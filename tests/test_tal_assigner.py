@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from tbd.modeling.tal import TaskAlignedAssigner
-from tbd.modeling.tal_reference import reference_assign
+from tbd.modeling.tal.assigner import TaskAlignedAssigner
+from tbd.modeling.tal.reference import reference_assign
 from tbd.ops.boxes import pad_boxes
 
 
@@ -210,7 +210,7 @@ def test_500_gts_on_800x1333_pyramid_assign_in_bounded_memory():
     code = textwrap.dedent(
         """
         import json, resource, torch
-        from tbd.modeling.tal import TaskAlignedAssigner
+        from tbd.modeling.tal.assigner import TaskAlignedAssigner
         from tbd.ops.boxes import grid_points
         torch.manual_seed(0)
         strides = [8, 16, 32, 64, 128]

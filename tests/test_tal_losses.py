@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from tbd.modeling.et_head import distribution_expectation
-from tbd.modeling.tal import TALAssignment, scatter_class_targets, task_aligned_losses
-from tbd.modeling.tal_atss import ATSSAssigner
-from tbd.modeling.tood import aligned_logit, offset_sample
+from tbd.modeling.tal.assigner import TALAssignment, scatter_class_targets, task_aligned_losses
+from tbd.modeling.tal.atss import ATSSAssigner
+from tbd.modeling.tal.et_head import distribution_expectation
+from tbd.modeling.tal.tood import aligned_logit, offset_sample
 from tbd.ops.boxes import pad_boxes
 
 

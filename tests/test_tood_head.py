@@ -7,8 +7,8 @@ import torch
 from detectron2.modeling import build_model
 
 from tbd.config import load_config
-from tbd.modeling.tal_testing import TINY_OPTS, freeze_assignment, shapes_batch, train_steps
-from tbd.modeling.tood import THead, TOODHeadOutput
+from tbd.modeling.tal.testing import TINY_OPTS, freeze_assignment, shapes_batch, train_steps
+from tbd.modeling.tal.tood import THead, TOODHeadOutput
 
 OPTS = [*TINY_OPTS, "MODEL.TOOD.FEAT_CHANNELS", "64", "MODEL.TOOD.STACKED_CONVS", "2"]
 

@@ -469,10 +469,11 @@ def export_student(model: nn.Module, path: str | os.PathLike, cfg: CfgNode | Non
     from detectron2.utils import comm
 
     from tbd.engine.checkpoint import atomic_torch_save, atomic_write_text
-    from tbd.export import student_config_yaml
+    from tbd.export import student_config_yaml, without_training_only
 
     inner = unwrap_model(model)
     state = inner.student_state_dict() if isinstance(inner, TBDistiller) else inner.state_dict()
+    state = without_training_only(state)  # auxiliary heads (MODEL.AUX_HEADS) are training-only
     if not comm.is_main_process():
         return False
     atomic_torch_save({"model": {k: v.detach().cpu() for k, v in state.items()}}, path)

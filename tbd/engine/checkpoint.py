@@ -220,6 +220,12 @@ def load_weights_checked(model: torch.nn.Module, path: str, what: str = "model")
             f"{what} weights {path} hold no state dict (found {type(checkpoint.get('model')).__name__}); "
             f"expected {WEIGHTS_FORMAT_HINT}"
         )
+    # training-only modules (auxiliary heads, MODEL.AUX_HEADS) of a run's checkpoint: not an
+    # inference model's, so not "unused keys" worth a warning
+    own = model.state_dict().keys()
+    checkpoint["model"] = {
+        k: v for k, v in checkpoint["model"].items() if k in own or not re.search(r"(^|\.)aux_heads\.", k)
+    }
     incompatible = ck._load_model(checkpoint)
     shapes = [(k, tuple(got), tuple(want)) for k, got, want in incompatible.incorrect_shapes]
     reshaped = {k for k, _, _ in shapes}  # Detectron2 also lists these as missing: they were not loaded

@@ -203,6 +203,13 @@ class Trainer(DefaultTrainer):
 
     # --- builders -------------------------------------------------------------------------
     @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        """Detectron2's model, plus the training-only heads of ``MODEL.AUX_HEADS`` on its student."""
+        from tbd.modeling.aux_heads import attach_aux_heads
+
+        return attach_aux_heads(super().build_model(cfg), cfg)
+
+    @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> Any:
         from detectron2.data.build import get_detection_dataset_dicts
 

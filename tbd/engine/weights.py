@@ -9,7 +9,7 @@
 * ``torchvision://resnet18`` (``resnet34``, ``resnet50``, ``resnet101``, ``mobilenet_v2``;
   optionally ``torchvision://resnet50/IMAGENET1K_V2``), resolved through torchvision's weights API,
   which keeps its files under ``$TORCH_HOME/hub/checkpoints``,
-* a torchvision ``mobilenet_v2`` state dict, for the MobileNetV2 backbone (tbd.modeling.mobilenet).
+* a torchvision ``mobilenet_v2`` state dict, for the MobileNetV2 backbone (tbd.modeling.backbones.mobilenet).
 
 A backbone-only file (ImageNet weights) fills the bottom-up backbone; a partial fill (a backbone
 tensor missing in the file, or a file tensor the backbone does not have) is an error unless
@@ -230,7 +230,7 @@ def convert_caffe2_backbone(state: Mapping[str, Any]) -> dict[str, torch.Tensor]
 
 def convert_torchvision_mobilenet_v2(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """torchvision ``mobilenet_v2`` names -> the names of tbd's MobileNetV2 bottom-up network."""
-    from tbd.modeling.mobilenet import convert_torchvision_mobilenet_v2 as convert
+    from tbd.modeling.backbones.mobilenet import convert_torchvision_mobilenet_v2 as convert
 
     return convert({k: _as_tensor(v) for k, v in state.items()})
 
@@ -300,9 +300,13 @@ def load_mobilenet_v2_backbone(
     """Load torchvision ``mobilenet_v2`` weights into the model's MobileNetV2 bottom-up network.
 
     The stages the backbone does not build (``OUT_FEATURES`` stopping early, ``LAST_CONV`` off) are
-    left out of the comparison; every other tensor must fit (tbd.modeling.mobilenet checks it).
+    left out of the comparison; every other tensor must fit (tbd.modeling.backbones.mobilenet checks it).
     """
-    from tbd.modeling.mobilenet import WeightsMismatchError, find_mobilenet_v2, load_mobilenet_v2_weights
+    from tbd.modeling.backbones.mobilenet import (
+        WeightsMismatchError,
+        find_mobilenet_v2,
+        load_mobilenet_v2_weights,
+    )
 
     target = bottom_up_name(model)
     module = model.get_submodule(target)

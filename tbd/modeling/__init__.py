@@ -1,4 +1,14 @@
-"""Detectron2 meta-architectures and backbones added by tbd (importing registers them, and the
-heads' probe adapters)."""
+"""Detectron2 meta-architectures and backbones added by tbd, one sub-package per method.
 
-from tbd.modeling import codetr, dw, dw_probe, et_head, fcos, mobilenet, tal_probe, tood  # noqa: F401
+Importing this package registers them (and the heads' probe adapters): configs name the registry
+entries (``TOOD``, ``ETHeadDetector``, ``DWDetector``, ``FCOSDetector``,
+``build_mobilenet_v2_fpn_backbone``, ...), not module paths.
+"""
+
+from tbd.modeling import codetr  # noqa: F401
+from tbd.modeling.backbones import mobilenet  # noqa: F401
+from tbd.modeling.dw import detector as dw_detector  # noqa: F401
+from tbd.modeling.dw import probe as dw_probe  # noqa: F401
+from tbd.modeling.fcos import detector as fcos_detector  # noqa: F401
+from tbd.modeling.tal import et_head, tood  # noqa: F401
+from tbd.modeling.tal import probe as tal_probe  # noqa: F401

@@ -1,41 +1,23 @@
-"""What CoDETR needs from the auxiliary one-to-many heads.
+"""What CoDETR needs from the auxiliary one-to-many heads (tbd.modeling.aux_heads).
 
-The two dataclasses are a mirror of tbd.modeling.aux.base; the lead replaces them by an import at
-merge (see /work/notes/AUX_CONTRACT.md). ``AUX_HEADS_BUILDER`` is the wiring point: ``None`` here
-(CoDETR then trains without auxiliary heads, i.e. as Deformable-DETR++); at merge it becomes
-``tbd.modeling.aux.build_aux_heads``.
+The data types are tbd.modeling.aux_heads.base's. ``AUX_HEADS_BUILDER`` is what CoDETR builds its
+heads with when none is passed to it: the heads of ``MODEL.AUX_HEADS.NAMES`` on its multi-scale
+adapter's pyramid, for ``MODEL.CODETR.NUM_CLASSES`` classes. CoDETR weighs their losses by λ2 in
+every decoder layer's term itself, so a head's own weight defaults to 1.0 here (``WEIGHTS`` empty),
+not the 2.0 a dense student's heads get.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
 from detectron2.config import CfgNode
 from detectron2.structures import Instances
 from torch import Tensor, nn
 
+from tbd.modeling.aux_heads.base import AuxOutput, AuxPositives
 
-# --- mirror of tbd.modeling.aux.base; the lead replaces it by an import at merge ---------------
-@dataclass
-class AuxPositives:
-    """One image's positives of an auxiliary head's one-to-many assignment (for Co-DETR's
-    customised positive queries). N = number of positives in this image."""
-
-    boxes: Tensor  # (N, 4) xyxy, input-image pixels: the positive anchors / proposals = B_i^pos
-    gt_boxes: Tensor  # (N, 4) xyxy: the GT box each positive was assigned to
-    gt_classes: Tensor  # (N,) long: that GT's class
-    levels: Tensor  # (N,) long: pyramid level index (0 = finest level given to the head)
-    locations: Tensor  # (N,) long: flat index y*W_l + x of the positive's cell on its level
-
-
-@dataclass
-class AuxOutput:
-    losses: dict[str, Tensor]  # already multiplied by the head's own weight; "loss_aux_<name>_<term>"
-    positives: list[AuxPositives]  # one per image (empty tensors when none)
-
-
-# --- end of mirror ----------------------------------------------------------------------------
+__all__ = ["AUX_HEADS_BUILDER", "AuxHead", "AuxHeadsBuilder", "AuxOutput", "AuxPositives", "codetr_aux_heads"]
 
 
 class AuxHead(Protocol):
@@ -51,5 +33,18 @@ class AuxHead(Protocol):
 #: ``builder(cfg, in_channels, strides) -> nn.ModuleList`` of :class:`AuxHead` modules
 AuxHeadsBuilder = Callable[[CfgNode, int, list[int]], nn.ModuleList]
 
-#: the builder CoDETR uses when none is passed to it; wired to tbd.modeling.aux at merge
-AUX_HEADS_BUILDER: Optional[AuxHeadsBuilder] = None
+
+def codetr_aux_heads(cfg: CfgNode, in_channels: int, strides: list[int]) -> nn.ModuleList:
+    """The heads of ``MODEL.AUX_HEADS`` for a CoDETR (weight 1.0 each unless ``WEIGHTS`` says)."""
+    from tbd.modeling.aux_heads import build_aux_heads
+
+    names = list(cfg.MODEL.AUX_HEADS.NAMES)
+    if names and not list(cfg.MODEL.AUX_HEADS.WEIGHTS):
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.AUX_HEADS.WEIGHTS = [1.0] * len(names)
+    return build_aux_heads(cfg, in_channels, strides, num_classes=int(cfg.MODEL.CODETR.NUM_CLASSES))
+
+
+#: the builder CoDETR uses when none is passed to it
+AUX_HEADS_BUILDER: Optional[AuxHeadsBuilder] = codetr_aux_heads

@@ -18,7 +18,7 @@ from tbd.distill.probes import (
     decode_point_levels,
     register_probe_adapter,
 )
-from tbd.modeling.tal_detector import TALDetector
+from tbd.modeling.tal.detector import TALDetector
 
 
 class TALProbeAdapter(DenseDetectorAdapter):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from detectron2.layers import get_norm
 from torch import Tensor, nn
 
-from tbd.modeling.dw_refine import BoxRefinement
+from tbd.modeling.dw.refine import BoxRefinement
 from tbd.ops.boxes import grid_points
 
 

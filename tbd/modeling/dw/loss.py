@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from detectron2.utils import comm
 from torch import Tensor
 
-from tbd.modeling.dw_weights import (
+from tbd.modeling.dw.weights import (
     negative_weights,
     pair_center_prior,
     pair_class_negative_probability,
@@ -102,7 +102,7 @@ class DWLoss:
 
     Only the candidate pairs (a point strictly inside a real GT) carry a pairwise quantity, so
     memory grows with the number of candidates, not with ``P x G``; the dense ``[B, P, G]`` form
-    (:func:`tbd.modeling.dw_reference.dense_dw_loss`) gives the same values.
+    (:func:`tbd.modeling.dw.reference.dense_dw_loss`) gives the same values.
 
     Inputs (``P`` = every point of every level, concatenated):
     ``logits [B, P, C]``, ``ltrb [B, P, 4]`` (pixels), ``ctr_logits [B, P]``, ``points [P, 2]``,

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from tbd.modeling.tal import TALAssignment, _Candidates, resolve_candidates
+from tbd.modeling.tal.assigner import TALAssignment, _Candidates, resolve_candidates
 from tbd.ops.boxes import aligned_iou, box_centers, pairwise_iou, points_in_boxes
 
 

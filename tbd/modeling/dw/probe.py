@@ -1,6 +1,6 @@
 """TBD probe adapter for the DW detector (importing this module registers it).
 
-Kept out of :mod:`tbd.modeling.dw` so the model does not depend on :mod:`tbd.distill`; import it
+Kept out of :mod:`tbd.modeling.dw.detector` so the model does not depend on :mod:`tbd.distill`; import it
 (e.g. from ``tbd.distill``) to let a :class:`~tbd.distill.probes.Probe` read a ``DWDetector``.
 The boxes are the ones the DW loss and inference use: ``model.decode`` of the (refined) ltrb.
 """
@@ -17,7 +17,7 @@ from tbd.distill.probes import (
     decode_point_levels,
     register_probe_adapter,
 )
-from tbd.modeling.dw import DWDetector
+from tbd.modeling.dw.detector import DWDetector
 
 
 class DWProbeAdapter(DenseDetectorAdapter):

@@ -1,6 +1,6 @@
 """The dense form of the DW loss: every pairwise quantity as a ``[B, P, G]`` tensor.
 
-It is the yardstick of :class:`tbd.modeling.dw_loss.DWLoss`, which keeps only the candidate pairs
+It is the yardstick of :class:`tbd.modeling.dw.loss.DWLoss`, which keeps only the candidate pairs
 (tests check that both agree in values and gradients; ``scripts/bench_dw_weights.py`` compares their
 time and memory). Its memory grows with ``P x G``: never use it for training.
 """
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tbd.modeling.dw_loss import DWLossConfig, neg_log_one_minus_exp
-from tbd.modeling.dw_weights import (
+from tbd.modeling.dw.loss import DWLossConfig, neg_log_one_minus_exp
+from tbd.modeling.dw.weights import (
     center_prior,
     class_negative_probability,
     negative_probability,

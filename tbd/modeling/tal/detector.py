@@ -18,8 +18,8 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
-from tbd.modeling.tal import TALAssignment, TaskAlignedAssigner
-from tbd.modeling.tal_atss import ATSSAssigner
+from tbd.modeling.tal.assigner import TALAssignment, TaskAlignedAssigner
+from tbd.modeling.tal.atss import ATSSAssigner
 from tbd.ops.boxes import grid_points, ltrb_decode, pad_boxes
 
 

@@ -5,7 +5,7 @@
 
 Probe surface (what distillation probes may rely on):
 
-- ``model.head`` (:class:`~tbd.modeling.dw_head.DWHead`): ``forward(features)`` takes the FPN maps
+- ``model.head`` (:class:`~tbd.modeling.dw.head.DWHead`): ``forward(features)`` takes the FPN maps
   in ``model.head_in_features`` order (strides ``model.strides``) and returns three per-level
   lists: class logits ``[N, C, H, W]`` (raw, before any sigmoid), box regression as ``ltrb`` side
   distances in pixels ``[N, 4, H, W]`` (after refinement when ``MODEL.DW.BOX_REFINEMENT``), and
@@ -32,8 +32,8 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
-from tbd.modeling.dw_head import DWHead
-from tbd.modeling.dw_loss import DWLoss, DWLossConfig
+from tbd.modeling.dw.head import DWHead
+from tbd.modeling.dw.loss import DWLoss, DWLossConfig
 from tbd.ops.boxes import grid_points, ltrb_decode, pad_boxes
 
 

@@ -1,6 +1,6 @@
 """A deliberately straightforward task-aligned assigner: Python loops over images, GTs and positives.
 
-It is the yardstick of the vectorised :class:`tbd.modeling.tal.TaskAlignedAssigner` (tests check
+It is the yardstick of the vectorised :class:`tbd.modeling.tal.assigner.TaskAlignedAssigner` (tests check
 that both agree; ``scripts/bench_tal_assigner.py`` times both). Never use it for training.
 """
 
@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from tbd.modeling.tal import TALAssignment
+from tbd.modeling.tal.assigner import TALAssignment
 from tbd.ops.boxes import pairwise_iou, points_in_boxes
 
 

@@ -24,8 +24,8 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torch import Tensor, nn
 
-from tbd.modeling.tal import TALAssignment, reduced_normalizer, scatter_class_targets
-from tbd.modeling.tal_detector import FlatPredictions, TALDetector, flatten_levels
+from tbd.modeling.tal.assigner import TALAssignment, reduced_normalizer, scatter_class_targets
+from tbd.modeling.tal.detector import FlatPredictions, TALDetector, flatten_levels
 from tbd.ops.boxes import giou_loss, ltrb_encode
 from tbd.ops.losses import distribution_focal_loss, varifocal_loss
 

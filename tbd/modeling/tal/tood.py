@@ -27,8 +27,8 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torch import Tensor, nn
 
-from tbd.modeling.tal import TALAssignment, task_aligned_losses
-from tbd.modeling.tal_detector import FlatPredictions, TALDetector, flatten_levels
+from tbd.modeling.tal.assigner import TALAssignment, task_aligned_losses
+from tbd.modeling.tal.detector import FlatPredictions, TALDetector, flatten_levels
 
 _MAX_LOG_DISTANCE = 10.0  # exp() input cap for the distances (in strides): ~2e4 strides
 

@@ -1,0 +1,1 @@
+"""Backbones added by tbd (MobileNetV2-FPN)."""

@@ -1,0 +1,1 @@
+"""Dual Weighting (DW, METHODS.md): ``DWDetector``, its head, weights, loss and probe adapter."""

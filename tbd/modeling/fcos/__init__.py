@@ -1,0 +1,1 @@
+"""Detectron2's FCOS as a YAML-configurable meta-architecture (``FCOSDetector``)."""
