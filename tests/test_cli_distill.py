@@ -163,3 +163,13 @@ def test_teacher_cache_key_follows_what_shapes_the_teacher(monkeypatch: pytest.M
     assert teacher_key(other) != key
     monkeypatch.setattr(tbd.data, "GENERATOR_VERSION", 999)
     assert teacher_key(cfg) != key  # a regenerated embedded dataset needs a new teacher
+
+
+def test_a_student_that_beats_its_teacher_is_warned_about() -> None:
+    from tbd.cli.distill import weak_teacher_note
+
+    note = weak_teacher_note({"AP": 16.4}, {"AP": 26.2})
+    assert note is not None and "(26.2 AP) beats its teacher (16.4 AP)" in note and "stronger teacher" in note
+    assert weak_teacher_note({"AP": 16.4}, {"AP": 10.5}) is None
+    assert weak_teacher_note({"AP": float("nan")}, {"AP": 3.0}) is None  # nothing detected: no claim
+    assert weak_teacher_note({}, {"AP": 3.0}) is None

@@ -344,6 +344,18 @@ def teacher_label(args: argparse.Namespace) -> str:
     return Path(args.teacher_config).stem if args.teacher_config else args.teacher
 
 
+def weak_teacher_note(teacher_bbox: dict[str, Any], student_bbox: dict[str, Any]) -> str | None:
+    """A warning when the distilled student beats its teacher: the teacher is then too weak to teach it."""
+    t, s = teacher_bbox.get("AP"), student_bbox.get("AP")
+    if t is None or s is None or not (s == s and t == t) or s <= t:  # NaN: nothing to compare
+        return None
+    return (
+        f"the distilled student ({s:.1f} AP) beats its teacher ({t:.1f} AP): distillation pulls it towards "
+        "a worse model. Compare with the student trained alone (tbd train) and use a stronger teacher "
+        "(e.g. one initialised from ImageNet, or trained longer); docs/BENCHMARKS.md §1b shows the case"
+    )
+
+
 def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str, Any]) -> dict[str, Any]:
     """Teacher AP, student AP and the harmonious-prediction ratios: printed and returned."""
     from detectron2.modeling import build_model
@@ -392,6 +404,9 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
             "-" if mean_hs is None else f"{mean_hs:.3f}",
         )
     console.print(table)
+    weak = weak_teacher_note(rows["teacher"].get("bbox", {}), rows["student"].get("bbox", {}))
+    if weak:
+        console.print(f"[yellow]warning:[/] {weak}", soft_wrap=True)
     h = rows["student"].get("harmony") or rows["teacher"].get("harmony") or {}
     if h:
         console.print(
