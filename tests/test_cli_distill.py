@@ -173,3 +173,16 @@ def test_a_student_that_beats_its_teacher_is_warned_about() -> None:
     assert weak_teacher_note({"AP": 16.4}, {"AP": 10.5}) is None
     assert weak_teacher_note({"AP": float("nan")}, {"AP": 3.0}) is None  # nothing detected: no claim
     assert weak_teacher_note({}, {"AP": 3.0}) is None
+
+
+def test_teacher_label_of_a_run_config_is_the_run_folder() -> None:
+    import argparse
+
+    from tbd.cli.distill import teacher_label
+
+    def label(config: str | None) -> str:
+        return teacher_label(argparse.Namespace(teacher_config=config, teacher="r101"))
+
+    assert label("runs/teacher_384/config.yaml") == "teacher_384"
+    assert label("configs/retinanet_R18_FPN.yaml") == "retinanet_R18_FPN"
+    assert label(None) == "r101"

@@ -340,8 +340,12 @@ def _harmony(cfg: CfgNode, model: Any) -> dict[str, Any] | None:
 
 
 def teacher_label(args: argparse.Namespace) -> str:
-    """The teacher's name in tables and summary.json: a registry name, or its config's file stem."""
-    return Path(args.teacher_config).stem if args.teacher_config else args.teacher
+    """The teacher's name in tables and summary.json: a registry name, its config's file stem, or
+    for a run's own ``config.yaml`` (``tbd train``'s output) the run folder's name."""
+    if not args.teacher_config:
+        return args.teacher
+    path = Path(args.teacher_config)
+    return path.parent.name or path.stem if path.name == "config.yaml" else path.stem
 
 
 def weak_teacher_note(teacher_bbox: dict[str, Any], student_bbox: dict[str, Any]) -> str | None:
