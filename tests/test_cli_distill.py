@@ -186,3 +186,17 @@ def test_teacher_label_of_a_run_config_is_the_run_folder() -> None:
     assert label("runs/teacher_384/config.yaml") == "teacher_384"
     assert label("configs/retinanet_R18_FPN.yaml") == "retinanet_R18_FPN"
     assert label(None) == "r101"
+
+
+@pytest.mark.parametrize(("columns", "width"), [(None, 120), ("90", 90)])
+def test_redirected_output_is_not_folded_at_80_columns(columns: str | None, width: int) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    if columns:
+        env["COLUMNS"] = columns
+    code = "from tbd.cli.common import console; print(console.width)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) == width

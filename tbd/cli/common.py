@@ -13,7 +13,12 @@ import torch
 from detectron2.config import CfgNode
 from rich.console import Console
 
+#: output to a file or pipe (a log, CI) would be wrapped at rich's 80 columns, which folds the final
+#: tables; 120 unless COLUMNS says otherwise
+REDIRECTED_WIDTH = 120
 console = Console()
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = REDIRECTED_WIDTH
 
 
 class UsageError(Exception):
