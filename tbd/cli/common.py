@@ -339,7 +339,8 @@ def _remove_attempt_without_checkpoint(out: Path) -> None:
     if stale:
         console.print(
             f"[dim]{out}: removing {', '.join(p.name for p in stale)} of an earlier attempt that stopped "
-            "before its first checkpoint[/]"
+            "before its first checkpoint[/]",
+            soft_wrap=True,
         )
         for p in stale:
             p.unlink()
