@@ -79,3 +79,19 @@ def tiny_coco(tmp_path: Path) -> str:
         DatasetCatalog.remove(name)
     register_coco_instances(name, {}, str(json_path), str(images))
     return name
+
+
+@pytest.fixture(scope="module")
+def imagenet_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TORCH_HOME holding torchvision's MobileNetV2 ImageNet file (from the offline package),
+    set for the module's tests; skipped where the package is not installed."""
+    from weights_util import INSTALL_HINT, MOBILENET_V2_FILE, offline_weights_file, plant_torch_home
+
+    source = offline_weights_file(MOBILENET_V2_FILE)
+    if source is None:
+        pytest.skip(INSTALL_HINT)
+    home = tmp_path_factory.mktemp("torch_home")
+    plant_torch_home(home, source)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(home))
+        yield home

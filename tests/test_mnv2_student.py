@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.modeling import build_model
-from weights_util import INSTALL_HINT, MOBILENET_V2_FILE, offline_weights_file, plant_torch_home
 
 from tbd.config import load_config
 from tbd.engine.weights import WeightsError, load_initial_weights
@@ -22,18 +21,6 @@ from tbd.registry import HEAD_CONFIGS, STUDENT_NAMES, RegistryError, student_spe
 def _cfg(head: str = "tal"):
     spec = student_spec("mnv2", head)
     return load_config(spec.config, spec.opts)
-
-
-@pytest.fixture(scope="module")
-def torch_home(tmp_path_factory) -> Path:
-    source = offline_weights_file(MOBILENET_V2_FILE)
-    if source is None:
-        pytest.skip(INSTALL_HINT)
-    home = tmp_path_factory.mktemp("torch_home")
-    plant_torch_home(home, source)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(home))
-        yield home
 
 
 @pytest.mark.parametrize("head", list(HEAD_CONFIGS))
@@ -73,7 +60,7 @@ def test_from_scratch_mnv2_trains_batchnorm() -> None:
     assert cfg.MODEL.MOBILENET.NORM == "SyncBN"
 
 
-def test_torchvision_mobilenet_v2_fills_the_student_backbone(torch_home: Path) -> None:
+def test_torchvision_mobilenet_v2_fills_the_student_backbone(imagenet_torch_home: Path) -> None:
     import torchvision
 
     cfg = _cfg()
@@ -89,14 +76,14 @@ def test_torchvision_mobilenet_v2_fills_the_student_backbone(torch_home: Path) -
     assert torch.equal(model.backbone.bottom_up.stem.conv1.weight, tv["features.0.0.weight"])
 
 
-def test_mobilenet_weights_into_a_resnet_student_is_a_clear_error(torch_home: Path) -> None:
+def test_mobilenet_weights_into_a_resnet_student_is_a_clear_error(imagenet_torch_home: Path) -> None:
     spec = student_spec("r18", "tal")
     model = build_model(load_config(spec.config, spec.opts))
     with pytest.raises(WeightsError, match="holds MobileNetV2 weights.*torchvision://resnet18"):
         load_initial_weights(model, "torchvision://mobilenet_v2")
 
 
-def test_tbd_train_mnv2_from_imagenet_on_the_command_line(tmp_path: Path, torch_home: Path) -> None:
+def test_tbd_train_mnv2_from_imagenet_on_the_command_line(tmp_path: Path, imagenet_torch_home: Path) -> None:
     args = [
         "train", "--model", "mnv2", "--head", "tal", "--weights", "torchvision://mobilenet_v2",
         "--iters", "2", "--data-dir", str(tmp_path / "data"), "--num-train-images", "8",
@@ -105,7 +92,7 @@ def test_tbd_train_mnv2_from_imagenet_on_the_command_line(tmp_path: Path, torch_
     proc = subprocess.run(
         [sys.executable, "-m", "tbd.cli.main", *args],
         cwd=tmp_path,
-        env={**os.environ, "TORCH_HOME": str(torch_home)},
+        env={**os.environ, "TORCH_HOME": str(imagenet_torch_home)},
         capture_output=True,
         text=True,
         timeout=600,

@@ -19,7 +19,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_backbone, build_model
 from detectron2.structures import Instances
 from PIL import Image
-from weights_util import INSTALL_HINT, MOBILENET_V2_FILE, offline_weights_file, plant_torch_home
+from weights_util import MOBILENET_V2_FILE
 
 from tbd.config import load_config
 from tbd.modeling.backbones.mobilenet import (
@@ -261,18 +261,6 @@ def test_every_head_trains_and_predicts_on_mnv2(head, shapes_root):
 
 
 # --------------------------------------------------------------------- ImageNet, offline
-@pytest.fixture(scope="module")
-def imagenet_torch_home(tmp_path_factory) -> Path:
-    source = offline_weights_file(MOBILENET_V2_FILE)
-    if source is None:
-        pytest.skip(INSTALL_HINT)
-    home = tmp_path_factory.mktemp("torch_home")
-    plant_torch_home(home, source)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(home))
-        yield home
-
-
 @pytest.fixture(scope="module")
 def real_image(tmp_path_factory) -> Path:
     """An embedded-dataset image at 224 px, written as PNG (read back the way the mapper reads it)."""
