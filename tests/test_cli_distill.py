@@ -165,6 +165,48 @@ def test_teacher_cache_key_follows_what_shapes_the_teacher(monkeypatch: pytest.M
     assert teacher_key(cfg) != key  # a regenerated embedded dataset needs a new teacher
 
 
+def test_a_teacher_cached_by_an_earlier_version_is_found_by_its_settings(tmp_path: Path) -> None:
+    import yaml
+
+    from tbd.cli.distill import GENERATOR_MARKER, equivalent_cached_teacher, teacher_key
+    from tbd.config import load_config
+    from tbd.data import GENERATOR_VERSION
+
+    cfg = load_config("fcos_R50_FPN.yaml")
+    cfg.MODEL.RPN.BBOX_REG_WEIGHTS, cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = [1.0, 2.0], [1.0, 2.0]
+    # the same values as one list object shared by two keys: dumped as a YAML anchor, same key
+    shared = cfg.clone()
+    shared.MODEL.RPN.BBOX_REG_WEIGHTS = shared.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS
+    assert "&id" in shared.dump() and "&id" not in cfg.dump()
+    assert teacher_key(shared) == teacher_key(cfg)
+
+    # an earlier tbd wrote its full config, without the keys added since (here MODEL.AUX_HEADS,
+    # MODEL.CODETR), into a folder named by its own key
+    old = yaml.safe_load(cfg.dump())
+    del old["MODEL"]["AUX_HEADS"], old["MODEL"]["CODETR"]
+    earlier = tmp_path / "r50_tbd_shapes_train2000_1500it_0123abcd"
+    earlier.mkdir()
+    (earlier / "config.yaml").write_text(yaml.safe_dump(old))
+    (earlier / "model_final.pth").write_bytes(b"weights")
+    (earlier / "log.txt").write_text(f"loading tbd_shapes/v{GENERATOR_VERSION}-128px-seed0/train.json\n")
+    now = tmp_path / f"r50_tbd_shapes_train2000_1500it_{teacher_key(cfg)}"
+    assert equivalent_cached_teacher(now, cfg) == earlier / "model_final.pth"
+    new_key = cfg.clone()
+    new_key.MODEL.CODETR.NUM_CLASSES = 3  # a key that folder does not have: ignored
+    assert equivalent_cached_teacher(now, new_key) == earlier / "model_final.pth"
+
+    changed = cfg.clone()
+    changed.SOLVER.BASE_LR = 0.5  # a setting it has, with another value: not that teacher
+    assert equivalent_cached_teacher(now, changed) is None
+    other_schedule = tmp_path / f"r50_tbd_shapes_train2000_3000it_{teacher_key(cfg)}"
+    assert equivalent_cached_teacher(other_schedule, cfg) is None  # only same name, data, iterations
+    (earlier / GENERATOR_MARKER).write_text(f"{GENERATOR_VERSION + 1}\n")
+    assert equivalent_cached_teacher(now, cfg) is None  # trained on another embedded dataset
+    (earlier / GENERATOR_MARKER).unlink()
+    (earlier / "log.txt").unlink()
+    assert equivalent_cached_teacher(now, cfg) is None  # unknown data version: not provably the same
+
+
 def test_a_student_that_beats_its_teacher_is_warned_about() -> None:
     from tbd.cli.distill import weak_teacher_note
 

@@ -148,12 +148,22 @@ def train_teacher_here(args: argparse.Namespace, spec: Any, iters: int, train: s
     if final.is_file():
         console.print(f"teacher [bold]{spec.name}[/]: using the cached checkpoint {final}")
         return str(final)
+    earlier = equivalent_cached_teacher(out, cfg)
+    if earlier is not None:
+        console.print(
+            f"teacher [bold]{spec.name}[/]: using the cached checkpoint {earlier} (trained with the "
+            "same settings by an earlier tbd version, whose config lacked keys added since)"
+        )
+        return str(earlier)
     resume = (out / "last_checkpoint").is_file()
     console.print(
         f"teacher [bold]{spec.name}[/] has no checkpoint for {train}: "
         f"{'resuming' if resume else 'training'} it here ({iters} iterations) -> {out}"
     )
     out.mkdir(parents=True, exist_ok=True)
+    from tbd.data import GENERATOR_VERSION
+
+    (out / GENERATOR_MARKER).write_text(f"{GENERATOR_VERSION}\n")
     targs.resume = resume
     common.check_batch_per_process(cfg, args.num_gpus * args.num_machines)
     cfg.OUTPUT_DIR = str(out)
@@ -164,17 +174,98 @@ def train_teacher_here(args: argparse.Namespace, spec: Any, iters: int, train: s
     return str(final)
 
 
+_NOT_TEACHER_KEYS = ("OUTPUT_DIR", "MODEL.DEVICE")  # where and on what it trains
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def teacher_settings(cfg: CfgNode) -> dict[str, Any]:
+    """Every config value that shapes a teacher's training, by dotted key.
+
+    The distillation keys (and their defaults) do not train a teacher, nor do the output folder and
+    the device (a teacher trained on the GPU serves a CPU run too).
+    """
+    return {
+        key: _plain(value)
+        for key, value in common.flat_items(cfg)
+        if key not in _NOT_TEACHER_KEYS and not key.startswith("DISTILL.")
+    }
+
+
 def teacher_key(cfg: CfgNode) -> str:
-    """Short hash of a teacher's training config and of the embedded dataset's generator version."""
+    """Short hash of a teacher's training settings and of the embedded dataset's generator version.
+
+    Hashed from sorted (key, value) pairs, not from ``cfg.dump()``: a dump's text depends on which
+    lists happen to be shared objects (YAML anchors), which says nothing about the teacher.
+    """
     from tbd.data import GENERATOR_VERSION
 
-    keep = cfg.clone()
-    keep.defrost()
-    keep.OUTPUT_DIR = ""
-    keep.MODEL.DEVICE = ""  # a teacher trained on the GPU serves a CPU run too
-    keep.pop("DISTILL", None)  # the distillation keys (and their defaults) do not train a teacher
-    text = f"{keep.dump()}\nshapes v{GENERATOR_VERSION}"
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
+    text = json.dumps(teacher_settings(cfg), sort_keys=True, default=str)
+    return hashlib.sha1(f"{text}\nshapes v{GENERATOR_VERSION}".encode()).hexdigest()[:8]
+
+
+def equivalent_cached_teacher(out: Path, cfg: CfgNode) -> Path | None:
+    """A finished teacher of the same name, data and schedule trained with the same settings.
+
+    The cache key changes whenever a tbd release adds config keys, so without this an upgrade would
+    retrain every cached teacher. A sibling folder qualifies when every key its stored config.yaml
+    sets has today's value (keys added since are not in that file and are ignored; a default that
+    changed since is in it and still tells the two apart).
+    """
+    import yaml
+
+    from tbd.config import load_config
+    from tbd.data import GENERATOR_VERSION
+
+    want = teacher_settings(cfg)
+    stem = out.name.rsplit("_", 1)[0]
+    for candidate in sorted(out.parent.glob(f"{stem}_*")):
+        final, stored = candidate / "model_final.pth", candidate / "config.yaml"
+        if candidate == out or not (final.is_file() and stored.is_file()):
+            continue
+        if _stored_generator_version(candidate) != GENERATOR_VERSION:
+            continue  # unknown or another embedded dataset: not provably the same teacher
+        try:
+            written = yaml.safe_load(stored.read_text())
+            earlier = teacher_settings(load_config(stored))
+        except Exception:  # a key removed since, or an unreadable file: not this teacher
+            continue
+        keys = [k for k in _yaml_keys(written) if k in earlier]
+        if keys and all(k in want and want[k] == earlier[k] for k in keys):
+            return final
+    return None
+
+
+def _yaml_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return [prefix[:-1]] if prefix else []
+    return [k for key, value in node.items() for k in _yaml_keys(value, f"{prefix}{key}.")]
+
+
+GENERATOR_MARKER = "generator_version.txt"
+
+
+def _stored_generator_version(folder: Path) -> int | None:
+    """The embedded dataset's generator version a cached teacher was trained with, if known.
+
+    Teachers trained since this marker exists record it; older ones named the dataset's folder
+    (``tbd_shapes/v<version>-...``) in their log.
+    """
+    import re
+
+    try:
+        return int((folder / GENERATOR_MARKER).read_text().strip())
+    except (OSError, ValueError):
+        pass
+    try:
+        found = re.search(r"tbd_shapes/v(\d+)-", (folder / "log.txt").read_text(errors="replace"))
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
 
 
 def student_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
