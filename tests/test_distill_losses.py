@@ -208,6 +208,18 @@ def test_teacher_energy_normalisation_is_scale_free() -> None:
         feature_distance(f_t, f_s, "l2")
 
 
+def test_a_flat_teacher_level_has_nothing_to_imitate() -> None:
+    # image 0: the level's teacher energy (1e-10) is below 1e-4 of that image's strongest level (2.5),
+    # so its distance is 0 instead of 1 / 1e-6 (the ENERGY_EPS floor); image 1 is an ordinary level
+    f_t = torch.tensor([[[[1e-5, 0.0]], [[0.0, 1e-5]]], [[[1.0, 0.0]], [[0.0, 2.0]]]])
+    f_s = torch.ones(2, 2, 1, 2)
+    max_energy = torch.tensor([2.5, 2.5])
+    d = feature_distance(f_t, f_s, "teacher_energy", max_energy)
+    torch.testing.assert_close(d[0], torch.zeros(1, 2))
+    torch.testing.assert_close(d[1], torch.tensor([[1.0 + 0.0, 1.0 + 1.0]]) / 2.5)
+    assert feature_distance(f_t, f_s, "teacher_energy")[0].min() > 1e5  # without it: swamped
+
+
 def test_tfd_two_levels_and_empty_regression_mask() -> None:
     d1 = torch.tensor([[[2.0, 2.0]]])
     d2 = torch.tensor([[[3.0]]])

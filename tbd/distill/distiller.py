@@ -22,7 +22,7 @@ from tbd.ops.boxes import pad_boxes
 
 from .adapters import FeatureAdapters
 from .config import FEATURE_NORMS, validate_tbd_config
-from .losses import TaskMaps, feature_distance, harmony_distillation_loss, tfd_loss
+from .losses import TaskMaps, feature_distance, harmony_distillation_loss, teacher_energy, tfd_loss
 from .peers import METHODS, peer_loss
 from .probes import LevelPrediction, Probe, get_probe_adapter
 from .task_probs import classification_probability, regression_probability
@@ -345,8 +345,11 @@ class TBDistiller(nn.Module):
         self, t_levels: Sequence[LevelPrediction], s_levels: Sequence[LevelPrediction]
     ) -> list[Tensor]:
         """Per matched level, ``d = sum_c (F^t - phi(F^s))^2`` scaled by ``feature_norm`` (TFD and peers)."""
+        max_energy = None
+        if self.feature_norm == "teacher_energy":
+            max_energy = torch.stack([teacher_energy(t.feature) for t in t_levels]).amax(dim=0)
         return [
-            feature_distance(t.feature, self.adapters(s.feature, s.stride), self.feature_norm)
+            feature_distance(t.feature, self.adapters(s.feature, s.stride), self.feature_norm, max_energy)
             for t, s in zip(t_levels, s_levels)
         ]
 

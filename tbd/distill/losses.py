@@ -18,6 +18,9 @@ from .task_probs import harmony_score
 
 #: floor of the teacher energy a distance is divided by (an all-zero teacher map)
 ENERGY_EPS = 1e-6
+#: a teacher level whose energy is below this fraction of the image's most energetic distilled
+#: level is flat (e.g. a GroupNorm over one cell per group): its relative error is undefined
+FLAT_LEVEL_FRACTION = 1e-4
 
 
 @dataclass
@@ -71,20 +74,33 @@ def harmony_distillation_loss(
     return torch.stack(per_level, dim=0).sum(dim=0).mean()
 
 
-def feature_distance(f_t: Tensor, f_s: Tensor, norm: str = "none") -> Tensor:
+def teacher_energy(f_t: Tensor) -> Tensor:
+    """``mean_{i,j} sum_c (F^t)^2`` per image, ``[B]`` (no gradient)."""
+    return f_t.detach().float().pow(2).sum(dim=1).flatten(1).mean(dim=1)
+
+
+def feature_distance(
+    f_t: Tensor, f_s: Tensor, norm: str = "none", max_energy: Tensor | None = None
+) -> Tensor:
     """``sum_c (F^t - phi(F^s))^2`` -> ``[B, H, W]``; ``f_s`` is the already adapted student feature.
 
     ``norm="teacher_energy"`` divides each image's map by the teacher's mean feature energy on that
     level, ``mean_{i,j} sum_c (F^t)^2`` (a constant: no gradient): the distance becomes a relative
-    squared error, ~1 for a student feature of 0, whatever the teacher's feature scale.
+    squared error, ~1 for a student feature of 0, whatever the teacher's feature scale. With
+    ``max_energy`` (``[B]``, the image's largest energy over the distilled levels) a flat teacher
+    level (energy below :data:`FLAT_LEVEL_FRACTION` of it) has distance 0 for that image: there is
+    nothing to imitate there, and dividing by its near-zero energy would swamp every other loss.
     """
     if norm not in FEATURE_NORMS:
         raise ValueError(f"unknown feature normalisation {norm!r}; expected one of {FEATURE_NORMS}")
     f_t = f_t.detach().to(f_s.dtype)
     d = (f_t - f_s).pow(2).sum(dim=1)
     if norm == "teacher_energy":
-        energy = f_t.pow(2).sum(dim=1).flatten(1).mean(dim=1).clamp(min=ENERGY_EPS)  # [B]
-        d = d / energy[:, None, None]
+        energy = teacher_energy(f_t)
+        scale = 1.0 / energy.clamp(min=ENERGY_EPS)
+        if max_energy is not None:
+            scale = torch.where(energy < FLAT_LEVEL_FRACTION * max_energy, torch.zeros_like(scale), scale)
+        d = d * scale.to(d.dtype)[:, None, None]
     return d
 
 

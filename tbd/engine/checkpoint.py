@@ -240,9 +240,16 @@ def load_weights_checked(model: torch.nn.Module, path: str, what: str = "model")
         if missing:
             detail.append(f"{len(missing)} model tensors are missing (e.g. {missing[0]})")
         text = "; ".join(detail)
+        advice = "Pass the config these weights were trained with (depth, head, number of classes must match)"
+        if missing and not shapes and all(re.search(r"(^|\.)aux_heads\.", k) for k in missing):
+            advice = (
+                "Only the auxiliary heads (MODEL.AUX_HEADS) are missing: these are exported weights "
+                "(`tbd export` drops those training-only heads). Pass the run's own checkpoint "
+                "(model_final.pth) or the exported config (config_student.yaml) with them; a Co-DETR "
+                "teacher needs the former, its ATSS head is what TBD reads"
+            )
         raise WeightsMismatchError(
-            f"{what} weights {path} do not fit its config: {text}. Pass the config "
-            "these weights were trained with (depth, head, number of classes must match)",
+            f"{what} weights {path} do not fit its config: {text}. {advice}",
             path=path,
             detail=text,
             shapes=shapes,

@@ -7,6 +7,7 @@ entries (``TOOD``, ``ETHeadDetector``, ``DWDetector``, ``FCOSDetector``,
 
 from tbd.modeling import codetr  # noqa: F401
 from tbd.modeling.backbones import mobilenet  # noqa: F401
+from tbd.modeling.codetr import probe as codetr_probe  # noqa: F401
 from tbd.modeling.dw import detector as dw_detector  # noqa: F401
 from tbd.modeling.dw import probe as dw_probe  # noqa: F401
 from tbd.modeling.fcos import detector as fcos_detector  # noqa: F401

@@ -82,6 +82,7 @@ class CoDETR(nn.Module):
         self.max_pos_queries = int(c.MAX_POS_QUERIES)
         self.lr_factors = (float(c.BACKBONE_LR_FACTOR), float(c.LINEAR_PROJ_LR_FACTOR))
         self.detections_per_image = int(cfg.TEST.DETECTIONS_PER_IMAGE)
+        self.input_format = str(cfg.INPUT.FORMAT)  # read by TBDistiller as a teacher
         d = self.hidden_dim = int(c.HIDDEN_DIM)
         n_levels = int(c.NUM_FEATURE_LEVELS)
 
