@@ -30,6 +30,14 @@ def test_config_builds_for_every_depth():
         assert c.MODEL.RESNETS.DEPTH == depth and c.MODEL.TOOD.STACKED_CONVS == 6
 
 
+def test_head_levels_the_backbone_lacks_are_named() -> None:
+    cfg = load_config("tood_R18_FPN", [*OPTS, "MODEL.TOOD.IN_FEATURES", "['p3', 'res4']"])
+    with pytest.raises(
+        ValueError, match=r"MODEL.TOOD.IN_FEATURES \['res4'\] are not outputs of the backbone"
+    ):
+        build_model(cfg)
+
+
 def test_head_probe_surface():
     torch.manual_seed(0)
     head = THead(in_channels=16, num_classes=3, strides=[8, 16], feat_channels=32, stacked_convs=2)

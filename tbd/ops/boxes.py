@@ -196,6 +196,12 @@ def grid_points(
     return out
 
 
+def feature_points(features: Sequence[Tensor], strides: Sequence[int]) -> list[Tensor]:
+    """:func:`grid_points` of feature maps ``[B, C, H, W]`` (their sizes, device and dtype)."""
+    sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+    return grid_points(sizes, strides, device=features[0].device, dtype=features[0].dtype)
+
+
 def pad_boxes(
     boxes_per_image: Sequence[Tensor], labels_per_image: Sequence[Tensor] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:

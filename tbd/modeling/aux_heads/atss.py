@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tbd.modeling.aux_heads.base import AuxHead, AuxOutput, AuxPositives
 from tbd.modeling.tal.assigner import reduced_normalizer, scatter_class_targets
 from tbd.modeling.tal.atss import ATSSAssigner
-from tbd.ops.boxes import giou_loss, grid_points, ltrb_decode, ltrb_encode, pad_boxes
+from tbd.ops.boxes import feature_points, giou_loss, ltrb_decode, ltrb_encode, pad_boxes
 from tbd.ops.losses import quality_focal_loss, sigmoid_focal_loss
 
 _MAX_LOG_SCALE = 8.0  # exp() input cap of the box branch (in half prior sides)
@@ -142,8 +142,7 @@ class ATSSAuxHead(AuxHead):
 
     def points(self, features: Sequence[Tensor]) -> list[Tensor]:
         """Location centres ``(H*W, 2)`` per level, row-major as ``x.flatten(2)``."""
-        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
-        return grid_points(sizes, self.strides, device=features[0].device, dtype=features[0].dtype)
+        return feature_points(features, self.strides)
 
     @staticmethod
     def decode(points: Tensor, ltrb: Tensor) -> Tensor:

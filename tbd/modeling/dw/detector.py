@@ -26,12 +26,13 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from detectron2.config import CfgNode as CN
 from detectron2.layers import batched_nms
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
+from tbd.modeling.backbones.levels import build_backbone_levels
 from tbd.modeling.dw.head import DWHead
 from tbd.modeling.dw.loss import DWLoss, DWLossConfig
 from tbd.ops.boxes import grid_points, ltrb_decode, pad_boxes
@@ -94,16 +95,11 @@ class DWDetector(DenseDetector):
 
     def __init__(self, cfg: CN) -> None:
         d = cfg.MODEL.DW
-        backbone = build_backbone(cfg)
-        shapes = backbone.output_shape()
-        in_features = list(d.IN_FEATURES)
-        channels = {shapes[f].channels for f in in_features}
-        assert len(channels) == 1, f"DW head needs equal channels on every level, got {channels}"
-        strides = [shapes[f].stride for f in in_features]
+        levels = build_backbone_levels(cfg, d.IN_FEATURES, "DW")
         head = DWHead(
-            in_channels=channels.pop(),
+            in_channels=levels.channels,
             num_classes=d.NUM_CLASSES,
-            strides=strides,
+            strides=levels.strides,
             num_convs=d.NUM_CONVS,
             norm=d.NORM,
             prior_prob=d.PRIOR_PROB,
@@ -111,7 +107,11 @@ class DWDetector(DenseDetector):
             box_refinement=d.BOX_REFINEMENT,
         )
         super().__init__(
-            backbone, head, in_features, pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD
+            levels.backbone,
+            head,
+            levels.in_features,
+            pixel_mean=cfg.MODEL.PIXEL_MEAN,
+            pixel_std=cfg.MODEL.PIXEL_STD,
         )
         self.num_classes = d.NUM_CLASSES
         self.input_format = cfg.INPUT.FORMAT

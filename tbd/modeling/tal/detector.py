@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from tbd.modeling.tal.assigner import TALAssignment, TaskAlignedAssigner
 from tbd.modeling.tal.atss import ATSSAssigner
-from tbd.ops.boxes import grid_points, ltrb_decode, pad_boxes
+from tbd.ops.boxes import feature_points, ltrb_decode, pad_boxes
 
 
 class FlatPredictions(NamedTuple):
@@ -93,8 +93,7 @@ class TALDetector(DenseDetector):
     # ---- probe surface -------------------------------------------------------------------------
     def points(self, features: Sequence[Tensor]) -> list[Tensor]:
         """Point centres ``[H*W, 2]`` per level, in input-image pixels."""
-        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
-        return grid_points(sizes, self.strides, device=features[0].device, dtype=features[0].dtype)
+        return feature_points(features, self.strides)
 
     @staticmethod
     def decode(points: Tensor, reg: Tensor) -> Tensor:

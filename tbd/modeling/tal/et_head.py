@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 from detectron2.layers import Conv2d, get_norm
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
 
+from tbd.modeling.backbones.levels import build_backbone_levels
 from tbd.modeling.tal.assigner import TALAssignment, reduced_normalizer, scatter_class_targets
 from tbd.modeling.tal.detector import FlatPredictions, TALDetector, flatten_levels
 from tbd.ops.boxes import giou_loss, ltrb_encode
@@ -124,21 +125,18 @@ class ETHeadDetector(TALDetector):
 
     def __init__(self, cfg: CN) -> None:
         ec = cfg.MODEL.ETHEAD
-        backbone = build_backbone(cfg)
-        shapes = backbone.output_shape()
-        in_features = list(ec.IN_FEATURES)
-        strides = [int(shapes[f].stride) for f in in_features]
+        levels = build_backbone_levels(cfg, ec.IN_FEATURES, "ETHEAD")
         head = ETHead(
-            in_channels=shapes[in_features[0]].channels,
+            in_channels=levels.channels,
             num_classes=ec.NUM_CLASSES,
-            strides=strides,
+            strides=levels.strides,
             feat_channels=ec.FEAT_CHANNELS,
             stacked_convs=ec.STACKED_CONVS,
             reg_max=ec.REG_MAX,
             norm=ec.NORM,
             prior_prob=ec.PRIOR_PROB,
         )
-        super().__init__(backbone, head, in_features, **self.config_kwargs(cfg, ec))
+        super().__init__(levels.backbone, head, levels.in_features, **self.config_kwargs(cfg, ec))
         if ec.VFL_TARGET not in ("iou", "t_hat"):
             raise ValueError(f"MODEL.ETHEAD.VFL_TARGET must be 'iou' or 't_hat', got {ec.VFL_TARGET!r}")
         self.reg_max = ec.REG_MAX

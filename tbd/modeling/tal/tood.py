@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 from detectron2.layers import Conv2d, get_norm
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
 
+from tbd.modeling.backbones.levels import build_backbone_levels
 from tbd.modeling.tal.assigner import TALAssignment, task_aligned_losses
 from tbd.modeling.tal.detector import FlatPredictions, TALDetector, flatten_levels
 
@@ -168,21 +169,18 @@ class TOOD(TALDetector):
 
     def __init__(self, cfg: CN) -> None:
         tc = cfg.MODEL.TOOD
-        backbone = build_backbone(cfg)
-        shapes = backbone.output_shape()
-        in_features = list(tc.IN_FEATURES)
-        strides = [int(shapes[f].stride) for f in in_features]
+        levels = build_backbone_levels(cfg, tc.IN_FEATURES, "TOOD")
         head = THead(
-            in_channels=shapes[in_features[0]].channels,
+            in_channels=levels.channels,
             num_classes=tc.NUM_CLASSES,
-            strides=strides,
+            strides=levels.strides,
             feat_channels=tc.FEAT_CHANNELS,
             stacked_convs=tc.STACKED_CONVS,
             la_down_rate=tc.LA_DOWN_RATE,
             norm=tc.NORM,
             prior_prob=tc.PRIOR_PROB,
         )
-        super().__init__(backbone, head, in_features, **self.config_kwargs(cfg, tc))
+        super().__init__(levels.backbone, head, levels.in_features, **self.config_kwargs(cfg, tc))
         self.focal_gamma = tc.FOCAL_GAMMA
         self.cls_loss_weight = tc.CLS_LOSS_WEIGHT
         self.box_loss_weight = tc.BOX_LOSS_WEIGHT
