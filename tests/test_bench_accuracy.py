@@ -158,3 +158,28 @@ def test_student_weights_reach_train_and_distill_commands(tmp_path: Path) -> Non
     assert distill[distill.index("--student-weights") + 1] == "torchvision://mobilenet_v2"
     plain = bench.parse_args(["--out", str(tmp_path)])
     assert "--weights" not in bench.run_commands(plain, "baseline", None, 0, tmp_path / "b")[0]
+
+
+def test_accuracy_table_combines_studies_with_hand_worked_statistics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location("accuracy_table", _PATH.with_name("accuracy_table.py"))
+    assert spec and spec.loader
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def run(ap: float, share: float | None, step: float) -> dict:
+        student = {"AP": ap, "AP50": ap + 5, "AP75": ap - 1, "harmonious_share@0.3": share}
+        return {"student": student, "training": {"step_s": step}}
+
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"runs": {"baseline/seed0": run(4.0, 0.1, 1.0), "baseline/seed1": run(6.0, 0.3, 3.0),
+                                        "tbd_full/seed0": run(9.0, None, 2.0)}}))  # fmt: skip
+    assert table.main(["a=" + f"{one}:baseline", "b=" + f"{one}:tbd_full"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # mean 5.0, sample std sqrt(2) = 1.4; shares 10 % and 30 %: 20.0 ± 14.1; median step 2.0
+    assert lines[2] == "| a | 2 | 5.0 ± 1.4 | 10.0 ± 1.4 | 4.0 ± 1.4 | 20.0 ± 14.1 | 2.00 | 4.0 / 6.0 |"
+    assert lines[3] == "| b | 1 | 9.0 ± 0.0 | 14.0 ± 0.0 | 8.0 ± 0.0 | - | 2.00 | 9.0 |"
+    assert table.main([f"c={one}:mimic_mse"]) == 2  # a variant without runs is an error, not a blank row
+    with pytest.raises(SystemExit):
+        table.main(["no-separator"])
