@@ -7,6 +7,7 @@ alone and writes a config whose ``MODEL.META_ARCHITECTURE`` is the student's.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,17 @@ from detectron2.config import CfgNode
 
 STUDENT_PREFIX = "student."
 #: tensors of training-only modules (the auxiliary heads of MODEL.AUX_HEADS), never exported
-TRAINING_ONLY_PREFIXES = ("aux_heads.",)
+_TRAINING_ONLY = re.compile(r"(^|\.)aux_heads\.")
+
+
+def is_training_only(key: str) -> bool:
+    """Whether a state-dict key belongs to a training-only module (``aux_heads.*``, at any depth)."""
+    return _TRAINING_ONLY.search(key) is not None
 
 
 def without_training_only(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` without the tensors of training-only modules (``aux_heads.*``)."""
-    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    return {k: v for k, v in state.items() if not is_training_only(k)}
 
 
 def student_state_dict(model_state: dict[str, Any]) -> dict[str, Any]:

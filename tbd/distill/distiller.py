@@ -345,12 +345,16 @@ class TBDistiller(nn.Module):
         self, t_levels: Sequence[LevelPrediction], s_levels: Sequence[LevelPrediction]
     ) -> list[Tensor]:
         """Per matched level, ``d = sum_c (F^t - phi(F^s))^2`` scaled by ``feature_norm`` (TFD and peers)."""
-        max_energy = None
-        if self.feature_norm == "teacher_energy":
-            max_energy = torch.stack([teacher_energy(t.feature) for t in t_levels]).amax(dim=0)
+        if self.feature_norm != "teacher_energy":
+            return [
+                feature_distance(t.feature, self.adapters(s.feature, s.stride), self.feature_norm)
+                for t, s in zip(t_levels, s_levels)
+            ]
+        energies = [teacher_energy(t.feature) for t in t_levels]
+        max_energy = torch.stack(energies).amax(dim=0)
         return [
-            feature_distance(t.feature, self.adapters(s.feature, s.stride), self.feature_norm, max_energy)
-            for t, s in zip(t_levels, s_levels)
+            feature_distance(t.feature, self.adapters(s.feature, s.stride), self.feature_norm, max_energy, e)
+            for t, s, e in zip(t_levels, s_levels, energies)
         ]
 
     def peer_losses(

@@ -80,7 +80,11 @@ def teacher_energy(f_t: Tensor) -> Tensor:
 
 
 def feature_distance(
-    f_t: Tensor, f_s: Tensor, norm: str = "none", max_energy: Tensor | None = None
+    f_t: Tensor,
+    f_s: Tensor,
+    norm: str = "none",
+    max_energy: Tensor | None = None,
+    energy: Tensor | None = None,
 ) -> Tensor:
     """``sum_c (F^t - phi(F^s))^2`` -> ``[B, H, W]``; ``f_s`` is the already adapted student feature.
 
@@ -90,13 +94,15 @@ def feature_distance(
     ``max_energy`` (``[B]``, the image's largest energy over the distilled levels) a flat teacher
     level (energy below :data:`FLAT_LEVEL_FRACTION` of it) has distance 0 for that image: there is
     nothing to imitate there, and dividing by its near-zero energy would swamp every other loss.
+    ``energy``: :func:`teacher_energy` of ``f_t`` when the caller already has it.
     """
     if norm not in FEATURE_NORMS:
         raise ValueError(f"unknown feature normalisation {norm!r}; expected one of {FEATURE_NORMS}")
     f_t = f_t.detach().to(f_s.dtype)
     d = (f_t - f_s).pow(2).sum(dim=1)
     if norm == "teacher_energy":
-        energy = teacher_energy(f_t)
+        if energy is None:
+            energy = teacher_energy(f_t)
         scale = 1.0 / energy.clamp(min=ENERGY_EPS)
         if max_energy is not None:
             scale = torch.where(energy < FLAT_LEVEL_FRACTION * max_energy, torch.zeros_like(scale), scale)

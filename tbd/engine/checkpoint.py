@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from tbd.export import is_training_only
+
 logger = logging.getLogger(__name__)
 
 
@@ -224,7 +226,7 @@ def load_weights_checked(model: torch.nn.Module, path: str, what: str = "model")
     # inference model's, so not "unused keys" worth a warning
     own = model.state_dict().keys()
     checkpoint["model"] = {
-        k: v for k, v in checkpoint["model"].items() if k in own or not re.search(r"(^|\.)aux_heads\.", k)
+        k: v for k, v in checkpoint["model"].items() if k in own or not is_training_only(k)
     }
     incompatible = ck._load_model(checkpoint)
     shapes = [(k, tuple(got), tuple(want)) for k, got, want in incompatible.incorrect_shapes]
@@ -241,7 +243,7 @@ def load_weights_checked(model: torch.nn.Module, path: str, what: str = "model")
             detail.append(f"{len(missing)} model tensors are missing (e.g. {missing[0]})")
         text = "; ".join(detail)
         advice = "Pass the config these weights were trained with (depth, head, number of classes must match)"
-        if missing and not shapes and all(re.search(r"(^|\.)aux_heads\.", k) for k in missing):
+        if missing and not shapes and all(is_training_only(k) for k in missing):
             advice = (
                 "Only the auxiliary heads (MODEL.AUX_HEADS) are missing: these are exported weights "
                 "(`tbd export` drops those training-only heads). Pass the run's own checkpoint "
