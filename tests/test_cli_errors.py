@@ -405,12 +405,11 @@ def test_attempt_that_stopped_before_its_first_checkpoint_does_not_block(capsys,
     (out / "metrics.json").write_text('{"iteration": 3}\n')
     (out / "events.out.tfevents.1.host").write_bytes(b"x")
     (out / "log.txt").write_text("the reason it stopped\n")
+    (out / "tbd_run.json").write_text("{}\n")  # a tbd run writes its record first
     assert prepare_output_dir(out, resume=False, overwrite=False) == out
     # its metrics/events would mix with the next run's; its log stays
-    assert sorted(p.name for p in out.iterdir()) == ["log.txt"]
-    assert (
-        "removing metrics.json, events.out.tfevents.1.host of an earlier attempt" in capsys.readouterr().out
-    )
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "tbd_run.json"]
+    assert "removed " in capsys.readouterr().out
 
 
 def _read_only_place(tmp_path: Path) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -304,59 +303,33 @@ def flat_items(node: CfgNode, prefix: str = "") -> list[tuple[str, Any]]:
 FINISHED_MARKER = "model_final.pth"
 
 
-def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool) -> Path:
-    """Create ``path``; refuse to mix runs unless the user said ``--resume`` or ``--overwrite``."""
-    out = Path(path)
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite contradict each other; pass one")
-    # only a checkpoint makes a run worth keeping: one that failed before its first has nothing to resume
-    has_run = out.is_dir() and (
-        any((out / name).exists() for name in (FINISHED_MARKER, "last_checkpoint"))
-        or any(out.glob("model_*.pth"))
-    )
-    if not has_run and not resume:
-        _remove_attempt_without_checkpoint(out)
-    if has_run and overwrite:
-        shutil.rmtree(out)
-    elif has_run and not resume:
-        finished = (out / FINISHED_MARKER).exists()
-        what = "a finished run" if finished else "an unfinished run"
-        raise UsageError(
-            f"{out} already holds {what}. Pass --resume to continue it, --overwrite to replace it, "
-            "or choose another --output"
-        )
-    elif resume and not (out / "last_checkpoint").exists():
-        raise UsageError(f"--resume: {out} has no checkpoint to resume from (no last_checkpoint file)")
-    _make_writable_dir(out)
-    return out
+def plan_output_dir(path: str | Path, resume: bool, overwrite: bool) -> Any:
+    """Check ``--output`` with ``--resume``/``--overwrite`` before anything is built or written
+    (``tbd.engine.run_folder.plan_output``); returns the plan to apply once every input is checked."""
+    from tbd.engine.run_folder import RunFolderError, plan_output
 
-
-def _remove_attempt_without_checkpoint(out: Path) -> None:
-    """Metrics and events of an attempt that stopped before its first checkpoint (appending to
-    them would mix two runs); its log.txt stays and says why it stopped."""
-    stale = [out / "metrics.json", *out.glob("events.out.tfevents.*")] if out.is_dir() else []
-    stale = [p for p in stale if p.is_file()]
-    if stale:
-        console.print(
-            f"[dim]{out}: removing {', '.join(p.name for p in stale)} of an earlier attempt that stopped "
-            "before its first checkpoint[/]",
-            soft_wrap=True,
-        )
-        for p in stale:
-            p.unlink()
-
-
-def _make_writable_dir(out: Path) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".tbd-write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(
-            f"cannot write to the output folder {out} ({err.strerror or err}); choose a writable "
-            "--output (a read-only file system, or a folder you may not write to?)"
-        ) from err
+        return plan_output(path, resume, overwrite)
+    except RunFolderError as err:
+        raise UsageError(str(err)) from err
+
+
+def apply_output_dir(plan: Any) -> Path:
+    """Prepare the planned folder: ``--overwrite`` removes the previous run's own files (the user's stay)."""
+    from tbd.engine.run_folder import RunFolderError, apply_output_plan
+
+    try:
+        lines = apply_output_plan(plan)
+    except RunFolderError as err:
+        raise UsageError(str(err)) from err
+    for line in lines:
+        console.print(f"[dim]{line}[/]", soft_wrap=True)
+    return Path(plan.folder)
+
+
+def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool) -> Path:
+    """:func:`plan_output_dir` then :func:`apply_output_dir` (nothing to check in between)."""
+    return apply_output_dir(plan_output_dir(path, resume, overwrite))
 
 
 def quiet_warnings() -> None:
@@ -403,6 +376,17 @@ def setup_logging(output_dir: Path, quiet_console: bool = True) -> None:
     for h in list(file_only.handlers):
         file_only.removeHandler(h)
     file_only.addHandler(run_log)
+
+
+def close_run_log() -> None:
+    """Detach the run's log.txt from every logger (the end of a command: a later command in the same
+    process, e.g. a script calling ``tbd.cli.main.main`` twice, must not write into this run)."""
+    for logger_name in ("detectron2", "fvcore", "tbd", RUN_LOG_ONLY):
+        logger = logging.getLogger(logger_name)
+        for h in list(logger.handlers):
+            if getattr(h, "_tbd_run_log", False):
+                logger.removeHandler(h)
+                h.close()
 
 
 def _is_console(handler: logging.Handler) -> bool:

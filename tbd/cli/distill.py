@@ -160,18 +160,39 @@ def train_teacher_here(args: argparse.Namespace, spec: Any, iters: int, train: s
         f"teacher [bold]{spec.name}[/] has no checkpoint for {train}: "
         f"{'resuming' if resume else 'training'} it here ({iters} iterations) -> {out}"
     )
-    out.mkdir(parents=True, exist_ok=True)
     from tbd.data import GENERATOR_VERSION
+    from tbd.engine.checkpoint import atomic_write_text
 
-    (out / GENERATOR_MARKER).write_text(f"{GENERATOR_VERSION}\n")
     targs.resume = resume
     common.check_batch_per_process(cfg, args.num_gpus * args.num_machines)
     cfg.OUTPUT_DIR = str(out)
-    (out / "config.yaml").write_text(cfg.dump())
+    if resume:
+        _check_cached_teacher_resume(out, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / GENERATOR_MARKER, f"{GENERATOR_VERSION}\n")
+    atomic_write_text(out / "config.yaml", cfg.dump())
     _run(cfg, targs)
     if not final.is_file():
         raise UsageError(f"training the teacher did not produce {final}; see {out / 'log.txt'}")
     return str(final)
+
+
+def _check_cached_teacher_resume(out: Path, cfg: CfgNode) -> None:
+    """A half-trained cached teacher is continued only if its stored config is this one."""
+    from tbd.config import load_config
+    from tbd.engine.resume_check import config_differences
+
+    stored = out / "config.yaml"
+    try:
+        diffs = config_differences(load_config(stored), cfg) if stored.is_file() else []
+    except Exception:  # unreadable by this version: not provably the same teacher
+        diffs = [("config.yaml", "unreadable", "")]
+    if diffs:
+        listed = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, a, b in diffs)
+        raise UsageError(
+            f"the half-trained teacher in {out} was started with other settings ({listed}); remove that "
+            "cache folder (or pass --teacher-cache elsewhere) to train it anew"
+        )
 
 
 _NOT_TEACHER_KEYS = ("OUTPUT_DIR", "MODEL.DEVICE")  # where and on what it trains
@@ -384,7 +405,9 @@ def _teacher_results(
     """
     from detectron2.modeling import build_model
 
+    from tbd import jsonio
     from tbd.distill.distiller import load_teacher_weights, teacher_config
+    from tbd.engine.checkpoint import atomic_write_text
     from tbd.engine.trainer import Trainer
 
     own_cfg = teacher_config(cfg)
@@ -405,7 +428,7 @@ def _teacher_results(
         c.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR) / tag)
         results = dict(Trainer.test(c, model))
         if cache is not None:
-            cache.write_text(json.dumps(results))
+            atomic_write_text(cache, jsonio.dumps(results))
         return results
 
     at_student = evaluate(t_cfg, "teacher_eval")
@@ -457,6 +480,7 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
     from rich.table import Table
 
     from tbd.export import load_student_state, student_cfg
+    from tbd.jsonio import fmt_metric, undefined_metrics_note
 
     teacher_results, teacher_own, (t_cfg, teacher) = _teacher_results(cfg, args)
     size = f"{cfg.INPUT.MIN_SIZE_TEST}/{cfg.INPUT.MAX_SIZE_TEST} px"
@@ -494,11 +518,16 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         table.add_row(
             label,
             row["input"],
-            *(f"{bbox.get(k, float('nan')):.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")),
+            *(fmt_metric(bbox.get(k)) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")),
             "-" if share is None else f"{100 * share:.1f}%",
             "-" if mean_hs is None else f"{mean_hs:.3f}",
         )
     console.print(table)
+    for name, row in rows.items():
+        note = undefined_metrics_note(row["bbox"])
+        if note:
+            row["note"] = note
+            console.print(f"-: {name}: {note}", soft_wrap=True)
     weak = weak_teacher_note(rows["teacher"].get("bbox", {}), rows["student"].get("bbox", {}))
     if weak:
         console.print(f"[yellow]warning:[/] {weak}", soft_wrap=True)
@@ -537,17 +566,26 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
 
 
 def run(args: argparse.Namespace) -> int:
+    from tbd import jsonio
+    from tbd.cli.runrecord import restore_args, resume_config, write_run_record
     from tbd.engine.checkpoint import atomic_write_text
 
+    # every check first (folder, data, student, teacher, the pair, the stored run): only then is the
+    # folder touched, so a typo never costs the previous run
+    plan = common.plan_output_dir(args.output, args.resume, args.overwrite)
+    recorded = restore_args(args, Path(args.output)) if args.resume else False
     train, test = common.resolve_datasets(args)
-    out = common.prepare_output_dir(args.output, args.resume, args.overwrite)
     student = student_train_cfg(args, train, test)
     common.check_batch_per_process(student, args.num_gpus * args.num_machines)
     teacher_config, teacher_weights = resolve_teacher(args, train, test)
     cfg = build_distill_cfg(args, train, test, teacher_config, teacher_weights, student=student)
     check_inputs(cfg, args)
     check_pair(cfg)
-    (out / "config.yaml").write_text(cfg.dump())
+    if args.resume:
+        cfg = resume_config(Path(args.output), cfg, args, recorded)
+    out = common.apply_output_dir(plan)
+    write_run_record(out, args, getattr(args, "command_line", "tbd distill"))
+    atomic_write_text(out / "config.yaml", cfg.dump())
     record_data(out, args)  # for tbd eval/harmony --run
     if getattr(args, "profile_info", None) is not None:
         common.print_profile(cfg, args.profile_info)
@@ -557,6 +595,6 @@ def run(args: argparse.Namespace) -> int:
     )
     results = _run(cfg, args)
     summary = summarize(cfg, args, results)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
+    atomic_write_text(out / "summary.json", jsonio.dumps(summary, indent=2))
     console.print(f"summary written to {out / 'summary.json'}")
     return 0

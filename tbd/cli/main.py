@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Any, Sequence
 
 import tbd
 from tbd.cli import distill, evaluate, export, harmony, teachers, train
-from tbd.cli.common import UsageError, console, quiet_warnings
+from tbd.cli.common import UsageError, close_run_log, console, quiet_warnings
+from tbd.cli.runrecord import given_dests
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    words = list(sys.argv[1:] if argv is None else argv)
+    args.given = given_dests(build_parser(), words)  # --resume takes the rest from the stored run
+    args.command_line = " ".join(["tbd", *(shlex.quote(w) for w in words)])
     try:
         return int(args.func(args) or 0)
     except UsageError as err:
@@ -47,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # an image outside validation's decode sample (raised in a loader worker or launched process)
         console.print(f"[bold red]error:[/] {image_read_message(err)}", soft_wrap=True)
         return 2
+    finally:
+        close_run_log()
 
 
 if __name__ == "__main__":

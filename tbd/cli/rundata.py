@@ -36,10 +36,8 @@ def data_given(args: argparse.Namespace) -> bool:
     return any(getattr(args, k, None) for k in _NAMING_KEYS)
 
 
-def record_data(out: Path, args: argparse.Namespace) -> None:
-    """Write the run's dataset arguments (paths made absolute) to ``out/data.json``."""
-    from tbd.engine.checkpoint import atomic_write_text
-
+def data_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's dataset arguments, paths made absolute (what ``data.json`` holds)."""
     record: dict[str, Any] = {}
     for key in DATA_KEYS:
         value = getattr(args, key, None)
@@ -48,7 +46,14 @@ def record_data(out: Path, args: argparse.Namespace) -> None:
         if value is not None and key in _PATH_KEYS:
             value = str(Path(value).expanduser().resolve())
         record[key] = value
-    atomic_write_text(out / DATA_FILE, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def record_data(out: Path, args: argparse.Namespace) -> None:
+    """Write the run's dataset arguments (paths made absolute) to ``out/data.json``."""
+    from tbd.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(out / DATA_FILE, json.dumps(data_record(args), indent=2) + "\n")
 
 
 def read_data(run_dir: Path) -> dict[str, Any] | None:

@@ -113,22 +113,37 @@ def train_worker(cfg: CfgNode, args: argparse.Namespace) -> dict[str, Any]:
 def print_results(results: dict[str, Any], title: str) -> None:
     from rich.table import Table
 
+    from tbd.jsonio import fmt_metric, undefined_metrics_note
+
     bbox = results.get("bbox", {})
     if not bbox:
         return
     table = Table(title=title)
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         table.add_column(key, justify="right")
-    table.add_row(*(f"{bbox.get(k, float('nan')):.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+    table.add_row(*(fmt_metric(bbox.get(k)) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
     console.print(table)
+    note = undefined_metrics_note(bbox)
+    if note:
+        console.print(f"-: {note}", soft_wrap=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    from tbd import jsonio
+    from tbd.cli.runrecord import restore_args, resume_config, write_run_record
+    from tbd.engine.checkpoint import atomic_write_text
+
+    # every check first (folder, data, model, weights, the stored run); then the folder is touched
+    plan = common.plan_output_dir(args.output, args.resume, args.overwrite)
+    recorded = restore_args(args, Path(args.output)) if args.resume else False
     train, test = common.resolve_datasets(args)
-    out = common.prepare_output_dir(args.output, args.resume, args.overwrite)
     cfg = build_train_cfg(args, train, test)
     common.check_batch_per_process(cfg, args.num_gpus * args.num_machines)
-    (out / "config.yaml").write_text(cfg.dump())
+    if args.resume:
+        cfg = resume_config(Path(args.output), cfg, args, recorded)
+    out = common.apply_output_dir(plan)
+    write_run_record(out, args, getattr(args, "command_line", "tbd train"))
+    atomic_write_text(out / "config.yaml", cfg.dump())
     record_data(out, args)  # for tbd eval/harmony --run
     if getattr(args, "profile_info", None) is not None:
         common.print_profile(cfg, args.profile_info)
@@ -142,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         results = train_worker(cfg, args)
     print_results(results, f"{args.model} on {test}")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", jsonio.dumps(jsonio.strict_results(results), indent=2))
     return 0
 
 

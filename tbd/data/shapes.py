@@ -20,7 +20,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import tempfile
 import uuid
 from dataclasses import asdict
@@ -32,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from tbd.data.shapes_render import SHAPE_CLASSES, RenderParams, render_image
+from tbd.engine.run_folder import remove_owned
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,8 @@ def ensure_split(
             (tmp / "stamp.json").write_text(json.dumps(stamp, indent=1))  # last: marks completion
             _publish(tmp, target, stamp)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_owned([tmp], target.parent, recursive=True)
     return target
 
 
@@ -240,7 +241,8 @@ def _publish(tmp: Path, target: Path, stamp: dict[str, Any]) -> None:
         stale = target.with_name(f".{target.name}.stale-{uuid.uuid4().hex[:8]}")
         with contextlib.suppress(FileNotFoundError):
             os.rename(target, stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_owned([stale], target.parent, recursive=True)
     try:
         os.rename(tmp, target)
     except OSError:

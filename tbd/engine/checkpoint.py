@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from tbd.engine.run_folder import remove_owned
 from tbd.export import is_training_only
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         if tmp.exists():
-            tmp.unlink()
+            remove_owned([tmp], path.parent)
 
 
 def _process_alive(pid: int) -> bool:
@@ -68,11 +69,7 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
         pid = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
         if not pid.isdigit() or (int(pid) != os.getpid() and _process_alive(int(pid))):
             continue
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            continue
-        removed.append(tmp)
+        removed.extend(remove_owned([tmp], directory))
     if removed:
         logger.info("removed %d stale temporary file(s) of an interrupted save: %s", len(removed), removed)
     return removed

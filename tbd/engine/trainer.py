@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
-from tbd import compat
+from tbd import compat, jsonio
 from tbd.engine.checkpoint import AtomicDetectionCheckpointer, remove_stale_temporaries
 from tbd.engine.data import PositionSeededDataset, ResumableTrainingSampler, replay_grouping
 from tbd.engine.optim import build_optimizer
@@ -52,6 +53,32 @@ class TrainingInterrupted(BaseException):
         super().__init__(f"interrupted after iteration {iteration}; saved {checkpoint}")
         self.iteration = iteration
         self.checkpoint = checkpoint
+
+
+class _StrictLines:
+    """A text file whose JSON lines are rewritten as strict JSON (``NaN`` -> ``null``) on the way."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def write(self, text: str) -> int:
+        lines = [
+            jsonio.dumps(json.loads(line), sort_keys=True) if line.strip() else line
+            for line in text.split("\n")
+        ]
+        return self._handle.write("\n".join(lines))
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, close
+        return getattr(self._handle, name)
+
+
+class StrictJSONWriter(JSONWriter):
+    """Detectron2's ``metrics.json`` writer, in strict JSON: an undefined scalar (a COCO AP without
+    predictions) is ``null``, which every JSON parser reads."""
+
+    def __init__(self, json_file: str, window_size: int = 20) -> None:
+        super().__init__(json_file, window_size)
+        self._file_handle = _StrictLines(self._file_handle)
 
 
 class GuardedTrainer(SimpleTrainer):
@@ -241,7 +268,7 @@ class Trainer(DefaultTrainer):
 
     def build_writers(self) -> list[Any]:
         writers: list[Any] = [
-            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+            StrictJSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
             TensorboardXWriter(self.cfg.OUTPUT_DIR),
         ]
         if not self._show_progress:
