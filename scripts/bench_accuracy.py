@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tbd import jsonio
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: variant -> (None for ``tbd train``, else the DISTILL overrides of ``tbd distill``)
@@ -495,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": table,
     }
     json_path = args.json or args.out / "accuracy.json"
-    json_path.write_text(json.dumps(payload, indent=1))
+    json_path.write_text(jsonio.dumps(payload, indent=1))
     (args.out / "accuracy.md").write_text(text + "\n")
     print(f"wrote {json_path}")
     if per_variant:

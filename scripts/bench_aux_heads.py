@@ -23,7 +23,6 @@ Defaults follow the accuracy study (TOOD R-18, 128 px, batch 8; docs/BENCHMARKS.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from fresh_process import peak_rss_mib, reset_peak_rss, run_case  # scripts/ is on sys.path
 
 import tbd  # noqa: F401  (compat shims before any detectron2.modeling import)
+from tbd import jsonio
 
 # isort: split
 from detectron2.utils.events import EventStorage
@@ -148,7 +148,7 @@ def main() -> None:
         print(f"{v:<15}{r['step_s']:>9.3f}{r['step_ratio']:>8.2f}{r['aux_params_m']:>14.2f}{mem}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            f.write(jsonio.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

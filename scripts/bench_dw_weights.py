@@ -19,11 +19,12 @@ own: peak = growth of the process's max RSS over the inputs. Time = median of ``
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
 from fresh_process import run_case  # scripts/ is on sys.path when a script runs
+
+from tbd import jsonio
 
 PYRAMIDS = {"128": (128, 128), "512": (512, 512), "800x1333": (800, 1333)}
 STRIDES = [8, 16, 32, 64, 128]
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         "x time / x mem = dense / sparse (fwd + bwd time; peak MiB = max-RSS growth over fwd + bwd)"
     )
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        args.json.write_text(jsonio.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
 
 

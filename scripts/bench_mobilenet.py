@@ -17,7 +17,6 @@ estimate of the unloaded speed), with the ratio MNV2 / R-18.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 import tbd  # noqa: F401  (compat shims before any detectron2.modeling import)
+from tbd import jsonio
 
 # isort: split
 from detectron2.modeling import build_model
@@ -153,7 +153,7 @@ def main() -> None:
                 f"   ({rm:.1f} {mm:.1f} {mm / rm:.2f})"
             )
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(jsonio.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

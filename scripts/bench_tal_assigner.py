@@ -24,7 +24,6 @@ import argparse
 import ast
 import contextlib
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,8 @@ import types
 from pathlib import Path
 
 from fresh_process import run_case  # scripts/ is on sys.path when a script runs
+
+from tbd import jsonio
 
 PYRAMIDS = {"128": (128, 128), "512": (512, 512), "800x1333": (800, 1333)}
 STRIDES = [8, 16, 32, 64, 128]
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             "batch": args.batch,
             "impls": impls,
         }
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        args.json.write_text(jsonio.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
 
 

@@ -22,11 +22,12 @@ temporaries do not hide it; ``fresh_process.reset_peak_rss``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
 from fresh_process import peak_rss_mib, reset_peak_rss, run_case  # scripts/ is on sys.path
+
+from tbd import jsonio
 
 STRIDES = [8, 16, 32, 64, 128]
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             **vars(args),
         }
         meta["json"] = str(args.json)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        args.json.write_text(jsonio.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
 
 

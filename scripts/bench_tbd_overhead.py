@@ -31,7 +31,6 @@ is what distillation adds at its peak.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import time
@@ -42,6 +41,7 @@ import torch
 from fresh_process import run_case  # scripts/ is on sys.path when a script runs
 
 import tbd  # noqa: F401  (compat shims before any detectron2.modeling import)
+from tbd import jsonio
 
 # isort: split
 from detectron2.modeling import build_model
@@ -285,7 +285,7 @@ def main() -> None:
         )
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+                f.write(jsonio.dumps(results, indent=2))
         return
     for name in args.pairs:
         student, teacher = PAIRS[name]
@@ -306,7 +306,7 @@ def main() -> None:
     )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            f.write(jsonio.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

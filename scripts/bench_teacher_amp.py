@@ -18,11 +18,12 @@ absolute difference of the teacher's sigmoid scores against the float32 run of t
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
 from fresh_process import run_case  # scripts/ is on sys.path when a script runs
+
+from tbd import jsonio
 
 SIZES = {"800x1333": (800, 1333), "128": (128, 128)}
 PRECISIONS = {"cpu": ["fp32", "bf16"], "cuda": ["fp32", "fp16", "bf16"]}
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"{args.config}, median of {args.reps} timed forwards after one warm-up; {meta['machine']}")
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        args.json.write_text(jsonio.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
 
 

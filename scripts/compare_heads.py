@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tbd import jsonio
+
 
 def split_spec(spec: str) -> tuple[str, list[str]]:
     """``"cfg:A=1,B=(1, 2)"`` -> ``("cfg", ["A", "1", "B", "(1, 2)"])``."""
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         d2_logger.handlers = [h for h in d2_logger.handlers if getattr(h, "stream", None) is not sys.stdout]
         print(f"[{i + 1}/{len(args.specs)}] training {spec} for {args.iters} iterations -> {out}", flush=True)
         rows.append(train_and_evaluate(config, common + opts, out))
-        done.write_text(json.dumps(rows[-1], indent=1))
+        done.write_text(jsonio.dumps(rows[-1], indent=1))
 
     print(f"\n{'config':<60} {'AP':>6} {'AP50':>6} {'AP75':>6} {'train s':>8}")
     for r in rows:
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"{label:<60} {r['AP']:>6.2f} {r['AP50']:>6.2f} {r['AP75']:>6.2f} {r['train_seconds']:>8.1f}")
     if args.json:
         meta = {"iters": args.iters, "num_train": args.num_train, "num_val": args.num_val, "seed": args.seed}
-        args.json.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
+        args.json.write_text(jsonio.dumps({"meta": meta, "runs": rows}, indent=1))
         print(f"wrote {args.json}")
     return rows
 

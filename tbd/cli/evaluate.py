@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from tbd import jsonio
 from tbd.cli import common
 from tbd.cli.common import UsageError, console
 from tbd.cli.rundata import data_given, restore_data
@@ -105,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
     print_results(results, f"{weights}")
     out = Path(args.output) if args.output else weights.parent
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_results.json").write_text(json.dumps(results, indent=2))
+    (out / "eval_results.json").write_text(jsonio.dumps(jsonio.strict_results(results), indent=2))
     console.print(f"results written to {out / 'eval_results.json'}")
     return 0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,6 +10,7 @@ from typing import Any, Sequence
 import torch
 from detectron2.config import CfgNode
 
+from tbd import jsonio
 from tbd.cli import common
 from tbd.cli.common import UsageError, console
 from tbd.cli.rundata import restore_data
@@ -326,16 +325,6 @@ def print_tables(summaries: dict[str, dict[str, Any]], dataset: str) -> None:
     console.print(dist)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_outputs(
     out: Path, dataset: str, summaries: dict[str, dict[str, Any]], sources: dict[str, dict[str, str]]
 ) -> tuple[Path, Path]:
@@ -351,7 +340,7 @@ def write_outputs(
         "models": {name: {**sources[name], **summaries[name]} for name in summaries},
     }
     json_path = out / "harmony.json"
-    json_path.write_text(json.dumps(_json_safe(payload), indent=2))
+    json_path.write_text(jsonio.dumps(payload, indent=2))
     png_path = plot_harmony(summaries, out / "harmony.png", title=f"Harmonious predictions on {dataset}")
     return json_path, png_path
 
