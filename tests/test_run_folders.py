@@ -260,6 +260,9 @@ def test_resume_extending_iters_is_bit_exact(capsys, tmp_path, data) -> None:
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
     assert "MAX_ITER: 4" in (short / "config.yaml").read_text()
+    # an override given on resume adds to the stored ones (which stay: 64 px, the flat schedule)
+    code, msg = _cli(capsys, ["train", "--resume", "-o", str(short), "DATALOADER.NUM_WORKERS", "0"])
+    assert code == 0, msg
     assert json.loads((short / RUN_RECORD).read_text())["args"]["iters"] == 4
 
 

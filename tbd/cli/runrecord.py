@@ -112,6 +112,8 @@ def restore_args(args: argparse.Namespace, folder: Path) -> bool:
         if key in _NOT_RECORDED or not hasattr(args, key):
             continue
         if given is not None and key in given:
+            if key == "opts" and value:  # KEY VALUE overrides add to the stored ones
+                args.opts = [*value, *[o for o in args.opts if o != "--"]]
             continue
         setattr(args, key, value)
     return True
