@@ -234,3 +234,61 @@ def test_teacher_and_student_are_not_interchangeable(batch: list[dict]) -> None:
     for name, value in alternatives.items():
         ref = hd if name.startswith("hd") else tfd
         assert abs(value.item() - ref.item()) > 1e-3 * abs(ref.item()), name
+
+
+# ---------------------------------------------------------------------------- the ablations
+def _ablation(opts: list[str]) -> tuple[TBDistiller, dict, dict]:
+    torch.manual_seed(0)
+    model = build_model(distill_config("retinanet_R18_FPN", "retinanet_R18_FPN", SMALL + opts))
+    model.train()
+    with EventStorage() as storage:
+        losses = model(synthetic_batch(2, IMAGE, boxes_per_image=[3, 1], seed=11))
+    return model, losses, {k: v.latest() for k, v in storage.histories().items()}
+
+
+def _grads(loss: Tensor, params: list[torch.nn.Parameter]) -> list[Tensor]:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def test_hd_weight_zero_has_no_hd_term_and_no_hd_gradient() -> None:
+    ref_model, ref, _ = _ablation(["DISTILL.HD_WEIGHT", "0.6"])
+    model, losses, scalars = _ablation(["DISTILL.HD_WEIGHT", "0.0"])
+    assert ref["loss_hd"].item() > 0.01  # the term the ablation removes is not empty
+    assert losses["loss_hd"].item() == 0.0
+    assert not [k for k in scalars if k == "tbd/hd"]  # not computed, not logged
+    # TFD and the detector's losses are those of the same model with HD on
+    for key in ("loss_tfd", "loss_cls", "loss_box_reg"):
+        assert losses[key].item() == pytest.approx(ref[key].item(), rel=1e-6), key
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(g.abs().sum() == 0 for g in _grads(losses["loss_hd"], params))
+    ref_params = [ref_model.student.head.cls_score.weight, ref_model.student.head.bbox_pred.weight]
+    assert all(g.abs().sum() > 0 for g in _grads(ref["loss_hd"], ref_params))
+    _every_parameter_gets_a_gradient(model, losses)
+    _every_parameter_gets_a_gradient(ref_model, ref)
+
+
+def test_tfd_weight_zero_has_no_tfd_term_and_no_tfd_gradient() -> None:
+    ref_model, ref, _ = _ablation(["DISTILL.TFD_WEIGHT", "0.3"])
+    model, losses, scalars = _ablation(["DISTILL.TFD_WEIGHT", "0.0"])
+    assert ref["loss_tfd"].item() > 0.01
+    assert losses["loss_tfd"].item() == 0.0
+    assert not [k for k in scalars if k.startswith(("tbd/tfd", "tbd/twg"))]
+    for key in ("loss_hd", "loss_cls", "loss_box_reg"):
+        assert losses[key].item() == pytest.approx(ref[key].item(), rel=1e-6), key
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(g.abs().sum() == 0 for g in _grads(losses["loss_tfd"], params))
+    fpn = [ref_model.student.backbone.fpn_output3.weight, *ref_model.adapters.parameters()]
+    assert all(g.abs().sum() > 0 for g in _grads(ref["loss_tfd"], fpn))
+    # nothing is left that no loss uses (DistributedDataParallel refuses parameters without a
+    # gradient at the second step): no adapters, no TWG
+    assert model.twg is None and not list(model.adapters.parameters())
+    _every_parameter_gets_a_gradient(model, losses)
+
+
+def _every_parameter_gets_a_gradient(model: TBDistiller, losses: dict) -> None:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(
+        sum(losses.values()), [p for p in model.parameters() if p.requires_grad], allow_unused=True
+    )
+    assert not [n for n, g in zip(names, grads) if g is None]
