@@ -292,3 +292,16 @@ def _every_parameter_gets_a_gradient(model: TBDistiller, losses: dict) -> None:
         sum(losses.values()), [p for p in model.parameters() if p.requires_grad], allow_unused=True
     )
     assert not [n for n, g in zip(names, grads) if g is None]
+
+
+def test_level_crop_keeps_the_top_left_locations() -> None:
+    """Padding is bottom/right, so the common part of two levels is their top-left corner."""
+    feature = torch.arange(2 * 3 * 4 * 5.0).view(2, 3, 4, 5)
+    logits = torch.arange(2 * 4 * 5 * 2 * 1.0).view(2, 4, 5, 2, 1)
+    boxes = torch.arange(2 * 4 * 5 * 2 * 4.0).view(2, 4, 5, 2, 4)
+    level = LevelPrediction(16, feature, logits, boxes)
+    assert level.crop(4, 5) is level
+    small = level.crop(3, 2)
+    assert small.stride == 16 and small.size == (3, 2)
+    assert torch.equal(small.feature, feature[:, :, :3, :2])
+    assert torch.equal(small.logits, logits[:, :3, :2]) and torch.equal(small.boxes, boxes[:, :3, :2])
