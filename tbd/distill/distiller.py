@@ -109,24 +109,29 @@ class TBDistiller(nn.Module):
         )
         self.strides = self._match_strides(strides)
 
-        t_ch = dict(zip(self.teacher_adapter.strides(teacher), self.teacher_adapter.channels(teacher)))
-        s_ch = dict(zip(self.student_adapter.strides(student), self.student_adapter.channels(student)))
-        self.adapters = FeatureAdapters(
-            {s: s_ch[s] for s in self.strides}, {s: t_ch[s] for s in self.strides}, kind=adapter
-        )
         if method not in METHODS:
             raise ValueError(f"unknown distillation method {method!r}; expected one of {METHODS}")
         self.method = method
+        # Reason: a parameter no loss uses never gets a gradient, which DistributedDataParallel
+        # (find_unused_parameters=False) refuses at the second step; so with the feature term off
+        # (TFD_WEIGHT 0, the HD-only ablation) there are no adapters and no TWG.
+        uses_features = method != "tbd" or tfd_weight > 0
+        t_ch = dict(zip(self.teacher_adapter.strides(teacher), self.teacher_adapter.channels(teacher)))
+        s_ch = dict(zip(self.student_adapter.strides(student), self.student_adapter.channels(student)))
+        feature_strides = self.strides if uses_features else []
+        self.adapters = FeatureAdapters(
+            {s: s_ch[s] for s in feature_strides}, {s: t_ch[s] for s in feature_strides}, kind=adapter
+        )
         self.mimic_weight = float(mimic_weight)
         if feature_norm not in FEATURE_NORMS:
             raise ValueError(
                 f"unknown feature normalisation {feature_norm!r}; expected one of {FEATURE_NORMS}"
             )
         self.feature_norm = feature_norm
-        # a peer baseline has no TWG: no parameter that never gets a gradient
+        # a peer baseline has no TWG either (no parameter that never gets a gradient)
         self.twg = (
             TaskWeightGenerator(twg_hidden_dim, twg_min_weight, twg_detach_inputs)
-            if tfd_mode == "twg" and method == "tbd"
+            if tfd_mode == "twg" and method == "tbd" and uses_features
             else None
         )
         if tfd_mode not in ("twg", "fixed"):

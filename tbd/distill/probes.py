@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+import torch
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN, ProposalNetwork
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
@@ -182,6 +183,26 @@ class RPNAdapter(ProbeAdapter):
         )
 
 
+def _tensors(output: Any) -> list[Tensor]:
+    """The tensors of a head's output (nested lists, tuples, NamedTuples), in order."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+def _map_tensors(output: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``output`` with ``fn`` applied to each of its tensors, containers rebuilt alike."""
+    if isinstance(output, Tensor):
+        return fn(output)
+    if isinstance(output, tuple) and hasattr(output, "_fields"):
+        return type(output)(*(_map_tensors(item, fn) for item in output))
+    if isinstance(output, (list, tuple)):
+        return type(output)(_map_tensors(item, fn) for item in output)
+    return output
+
+
 _ADAPTERS: dict[type, ProbeAdapter] = {}
 
 
@@ -221,6 +242,7 @@ class Probe:
         self.adapter = adapter or get_probe_adapter(model)
         self._armed = False
         self._record: tuple[list[Tensor], Any] | None = None
+        self._versions: list[int] = []
         self._handle = self.adapter.head(model).register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -230,6 +252,11 @@ class Probe:
             raise RuntimeError(
                 f"the dense head of {type(self.model).__name__} ran twice in one captured forward"
             )
+        if not torch.is_grad_enabled():
+            # Reason: post-processing may overwrite the head's outputs in place (Detectron2's FCOS
+            # inference applies sigmoid_() to its logits); without autograd a copy costs no graph
+            output = _map_tensors(output, lambda t: t.clone())
+        self._versions = [t._version for t in _tensors(output)]
         self._record = (list(inputs[0]), output)
 
     @contextmanager
@@ -246,6 +273,13 @@ class Probe:
             raise RuntimeError(f"the dense head of {type(self.model).__name__} did not run during capture")
         features, output = self._record
         self._record = None
+        if [t._version for t in _tensors(output)] != self._versions:
+            raise RuntimeError(
+                f"{type(self.model).__name__} modified the outputs of its dense head in place after "
+                "they were probed: the levels would not be what the head predicted. Capture with "
+                "torch.no_grad() (the probe then keeps a copy) or make the model's post-processing "
+                "out of place."
+            )
         return self.adapter.to_levels(self.model, features, output)
 
     def remove(self) -> None:
