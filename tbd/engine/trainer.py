@@ -370,7 +370,11 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume: bool = True) -> None:
         if resume and self.checkpointer.has_checkpoint():
-            super().resume_or_load(resume=True)
+            try:
+                super().resume_or_load(resume=True)
+            except ValueError:  # e.g. the optimizer's groups of a run without the baseline
+                self._check_resumed_baseline()
+                raise
             self._check_resumed_baseline()
         else:
             # initial weights in any supported format, with a report; a partial fill is an error
