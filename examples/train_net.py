@@ -58,6 +58,8 @@ def setup(args):
     cfg.DISTILL.TEACHER_CONFIG = args.teacher_config  # TBD: the teacher, same classes and device
     cfg.DISTILL.TEACHER_WEIGHTS = args.teacher_weights
     cfg.DISTILL.TEACHER_OPTS = [x for key in classes for x in (key, n)]
+    # TBD: the opts DISTILL.WITH_BASELINE True also train the student alone on the same batches (the
+    # yardstick of the gain); evaluate it with tbd.distill.baseline.insert_baseline_hook in build_hooks
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)

@@ -208,16 +208,6 @@ def test_a_teacher_cached_by_an_earlier_version_is_found_by_its_settings(tmp_pat
     assert equivalent_cached_teacher(now, cfg) is None  # unknown data version: not provably the same
 
 
-def test_a_student_that_beats_its_teacher_is_warned_about() -> None:
-    from tbd.cli.distill import weak_teacher_note
-
-    note = weak_teacher_note({"AP": 16.4}, {"AP": 26.2})
-    assert note is not None and "(26.2 AP) beats its teacher (16.4 AP)" in note and "stronger teacher" in note
-    assert weak_teacher_note({"AP": 16.4}, {"AP": 10.5}) is None
-    assert weak_teacher_note({"AP": float("nan")}, {"AP": 3.0}) is None  # nothing detected: no claim
-    assert weak_teacher_note({}, {"AP": 3.0}) is None
-
-
 def test_teacher_label_of_a_run_config_is_the_run_folder() -> None:
     import argparse
 

@@ -248,6 +248,8 @@ class HarmonyEvaluator(DatasetEvaluator):
         dataset_name: registered dataset whose dicts hold the ground truth (``DatasetCatalog``).
         thresholds: the measurement's thresholds (defaults: :class:`HarmonyThresholds`).
         dataset_dicts: the dataset's dicts, if already loaded (skips a second ``DatasetCatalog.get``).
+        result_key: the key of the results (``"harmony"``); two evaluators with other thresholds
+            in one ``DatasetEvaluators`` need two keys.
     """
 
     def __init__(
@@ -255,8 +257,10 @@ class HarmonyEvaluator(DatasetEvaluator):
         dataset_name: str,
         thresholds: HarmonyThresholds | None = None,
         dataset_dicts: Sequence[Mapping[str, Any]] | None = None,
+        result_key: str = "harmony",
     ) -> None:
         self.dataset_name = dataset_name
+        self.result_key = result_key
         self.thresholds = thresholds or HarmonyThresholds()
         self._dicts = dataset_dicts
         self._gt: dict[Any, tuple[Tensor, Tensor]] | None = None
@@ -314,7 +318,7 @@ class HarmonyEvaluator(DatasetEvaluator):
         all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
         all_ious = np.concatenate(ious) if ious else np.zeros(0, np.float32)
         self.summary = summarize(all_scores, all_ious, self.thresholds, num_images, num_gt)
-        return OrderedDict(harmony=detectron2_metrics(self.summary))
+        return OrderedDict({self.result_key: detectron2_metrics(self.summary)})
 
 
 # ---------------------------------------------------------------------------------------------

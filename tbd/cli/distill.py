@@ -58,6 +58,15 @@ def add_parser(sub: Any) -> None:
         help="distil even if the teacher was trained at a very different input size (TBD.ALLOW_TEACHER_INPUT_MISMATCH)",
     )
     g.add_argument("--no-harmony", action="store_true", help="skip the harmonious-ratio analysis at the end")
+    g.add_argument(
+        "--with-baseline",
+        action="store_true",
+        help=(
+            "also train the same student without distillation, side by side on the same batches "
+            "(DISTILL.WITH_BASELINE): the only honest yardstick of the gain; about one more student "
+            "step per step"
+        ),
+    )
     common.add_dataset_args(p)
     common.add_profile_args(p)
     common.add_output_args(p, default="runs/distill")
@@ -332,6 +341,8 @@ def build_distill_cfg(
     cfg.DISTILL.TEACHER_OPTS = teacher_opts
     if args.teacher_amp is not None:
         cfg.DISTILL.TEACHER_AMP = args.teacher_amp
+    if getattr(args, "with_baseline", False):
+        cfg.DISTILL.WITH_BASELINE = True
     cfg.OUTPUT_DIR = str(args.output)
     # user overrides last, so DISTILL.* can be set on the command line
     opts = [o for o in (args.opts or []) if o != "--"]
@@ -462,16 +473,39 @@ def teacher_label(args: argparse.Namespace) -> str:
     return path.parent.name or path.stem if path.name == "config.yaml" else path.stem
 
 
-def weak_teacher_note(teacher_bbox: dict[str, Any], student_bbox: dict[str, Any]) -> str | None:
-    """A warning when the distilled student beats its teacher: the teacher is then too weak to teach it."""
-    t, s = teacher_bbox.get("AP"), student_bbox.get("AP")
-    if t is None or s is None or not (s == s and t == t) or s <= t:  # NaN: nothing to compare
+_BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def alone_row(cfg: CfgNode) -> dict[str, Any] | None:
+    """The student trained alone (``--with-baseline``) at the run's last evaluation, from metrics.json:
+    ``{"bbox": ..., "harmony": ..., "harmony_score0.3": ...}``; ``None`` without a baseline."""
+    from tbd.distill.baseline import read_last_comparison
+
+    if not cfg.DISTILL.WITH_BASELINE:
         return None
-    return (
-        f"the distilled student ({s:.1f} AP) beats its teacher ({t:.1f} AP): distillation pulls it towards "
-        "a worse model. Compare with the student trained alone (tbd train) and use a stronger teacher "
-        "(e.g. one initialised from ImageNet, or trained longer); docs/BENCHMARKS.md §1b shows the case"
-    )
+    last = read_last_comparison(Path(cfg.OUTPUT_DIR) / "metrics.json")
+    if not last.get("bbox"):
+        return None
+    return {
+        "bbox": last["bbox"],
+        "harmony": last.get("harmony_score0.5"),
+        "harmony_score0.3": last.get("harmony_score0.3"),
+        "iteration": last.get("iteration"),
+    }
+
+
+def gain_of(distilled: dict[str, Any], alone: dict[str, Any]) -> dict[str, float]:
+    """Distilled minus alone, per COCO metric both define (undefined ones, ``None``/NaN, left out)."""
+    import math
+
+    def defined(v: Any) -> bool:
+        return v is not None and math.isfinite(float(v))
+
+    return {
+        k: float(distilled[k]) - float(alone[k])
+        for k in _BBOX_KEYS
+        if defined(distilled.get(k)) and defined(alone.get(k))
+    }
 
 
 def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str, Any]) -> dict[str, Any]:
@@ -479,6 +513,7 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
     from detectron2.modeling import build_model
     from rich.table import Table
 
+    from tbd.distill.baseline import gain_note
     from tbd.export import load_student_state, student_cfg
     from tbd.jsonio import fmt_metric, undefined_metrics_note
 
@@ -488,8 +523,13 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         "teacher": {"bbox": teacher_results.get("bbox", {}), "input": size},
         "student": {"bbox": student_results.get("bbox", {}), "input": size},
     }
-    if teacher_own is not None:
-        rows["teacher_own_input"] = teacher_own
+    alone = alone_row(cfg)
+    rows = {
+        "teacher": rows["teacher"],
+        **({"teacher_own_input": teacher_own} if teacher_own is not None else {}),
+        **({"student_alone": {**alone, "input": size}} if alone is not None else {}),
+        "student": rows["student"],
+    }
     if not args.no_harmony:
         rows["teacher"]["harmony"] = _harmony(t_cfg, teacher)
         final = Path(cfg.OUTPUT_DIR) / "model_final.pth"
@@ -514,7 +554,11 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         h = row.get("harmony") or {}
         share = h.get("harmonious_share")
         mean_hs = h.get("mean_hs_easy", h.get("mean_hs"))
-        label = {"teacher_own_input": "teacher (own input)"}.get(name, name)
+        label = {
+            "teacher_own_input": "teacher (own input)",
+            "student_alone": "student alone",
+            "student": "distilled student" if alone is not None else "student",
+        }.get(name, name)
         table.add_row(
             label,
             row["input"],
@@ -522,15 +566,25 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
             "-" if share is None else f"{100 * share:.1f}%",
             "-" if mean_hs is None else f"{mean_hs:.3f}",
         )
+    if alone is not None:
+        gain = gain_of(rows["student"].get("bbox", {}), alone["bbox"])
+        table.add_row(
+            "gain (distilled − alone)",
+            "",
+            *(f"{gain[k]:+.1f}" if k in gain else "-" for k in _BBOX_KEYS),
+            "",
+            "",
+        )
     console.print(table)
     for name, row in rows.items():
         note = undefined_metrics_note(row["bbox"])
         if note:
             row["note"] = note
             console.print(f"-: {name}: {note}", soft_wrap=True)
-    weak = weak_teacher_note(rows["teacher"].get("bbox", {}), rows["student"].get("bbox", {}))
-    if weak:
-        console.print(f"[yellow]warning:[/] {weak}", soft_wrap=True)
+    level, note = gain_note(
+        rows["student"].get("bbox", {}), alone["bbox"] if alone else None, cfg.DISTILL.BASELINE_MARGIN
+    )
+    console.print(f"[yellow]warning:[/] {note}" if level == "warning" else f"{note}", soft_wrap=True)
     h = rows["student"].get("harmony") or rows["teacher"].get("harmony") or {}
     if h:
         console.print(
@@ -541,6 +595,19 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         "teacher": {"name": teacher_label(args), "config": cfg.DISTILL.TEACHER_CONFIG, **rows["teacher"]},
         "teacher_own_input": rows.get("teacher_own_input"),
         "student": {"name": args.student, "head": args.head, **rows["student"]},
+        "student_alone": (
+            {"name": args.student, "head": args.head, **rows["student_alone"]} if alone is not None else None
+        ),
+        "gain": (
+            {
+                "bbox": gain_of(rows["student"].get("bbox", {}), alone["bbox"]),
+                "margin_AP": cfg.DISTILL.BASELINE_MARGIN,
+                "verdict": level,
+                "note": note,
+            }
+            if alone is not None
+            else {"bbox": None, "note": note}
+        ),
         "profile": {
             "name": cfg.TBD.PROFILE,
             "input_size_rule": cfg.TBD.INPUT_SIZE_RULE,
@@ -560,6 +627,9 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
             "feature_norm": cfg.DISTILL.FEATURE_NORM,
             "pc_mode": cfg.DISTILL.PC_MODE,
             "tfd_mode": cfg.DISTILL.TFD_MODE,
+            "gate": cfg.DISTILL.GATE,
+            "with_baseline": cfg.DISTILL.WITH_BASELINE,
+            "baseline_guard": cfg.DISTILL.BASELINE_GUARD,
         },
     }
     return summary

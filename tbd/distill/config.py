@@ -19,6 +19,10 @@ FEATURE_NORMS = ("teacher_energy", "none")
 ADAPTERS = ("conv1x1", "identity")
 #: teacher precision
 TEACHER_AMP_MODES = ("", "bf16", "fp16")
+#: student-aware gates of the distillation terms (METHODS.md §1.7); "none" is the paper's TBD
+GATES = ("none", "harmony", "iou")
+#: what happens when the distilled student falls behind the student trained alone (§1.8)
+BASELINE_GUARDS = ("warn", "scale")
 
 
 def add_tbd_config(cfg: CN) -> None:
@@ -75,6 +79,25 @@ def add_tbd_config(cfg: CN) -> None:
     # The probability maps fed to TWG are detached (TWG is a weighting, not a path for gradient
     # into the student's heads).
     d.TWG.DETACH_INPUTS = True
+    # --- student-aware gating (an experiment; METHODS.md §1.7) -----------------------------------
+    # A detached per-location weight g in [0, 1] on every distillation term (HD, TFD, the peers):
+    # "none" (g = 1: the paper's TBD), "harmony" (g = clamp((HS^t - HS^s + m) / 2m, 0, 1): distil
+    # where the teacher is more harmonious than the student), "iou" (the same ramp on p_r^t - p_r^s:
+    # where the teacher's boxes fit the ground truth better).
+    d.GATE = "none"
+    d.GATE_MARGIN = 0.05  # m: half-width of the ramp (m -> 0: a hard step at equality)
+    # --- the student trained alone, side by side (METHODS.md §1.8) ------------------------------
+    # Train a second copy of the student without distillation on the same batches, from the same
+    # initial weights, with the same schedule; its losses are logged under "baseline/", its AP and
+    # harmonious share at every evaluation. Costs one more student forward and backward per step.
+    d.WITH_BASELINE = False
+    # The distilled student is "behind" when its AP is below the student alone's by more than this
+    # (AP points): a warning at that evaluation.
+    d.BASELINE_MARGIN = 0.5
+    # "warn", or "scale": also multiply every distillation term by BASELINE_GUARD_FACTOR each time
+    # the distilled student is behind (for the rest of the run).
+    d.BASELINE_GUARD = "warn"
+    d.BASELINE_GUARD_FACTOR = 0.5
 
 
 def validate_tbd_config(cfg: CN) -> None:
@@ -90,6 +113,8 @@ def validate_tbd_config(cfg: CN) -> None:
         ("ADAPTER", ADAPTERS),
         ("FEATURE_NORM", FEATURE_NORMS),
         ("TEACHER_AMP", TEACHER_AMP_MODES),
+        ("GATE", GATES),
+        ("BASELINE_GUARD", BASELINE_GUARDS),
     ):
         if d[key] not in choices:
             raise ValueError(f"DISTILL.{key} = {d[key]!r}; expected one of {choices}")
@@ -98,4 +123,18 @@ def validate_tbd_config(cfg: CN) -> None:
     if d.HD_WEIGHT < 0 or d.TFD_WEIGHT < 0 or d.MIMIC_WEIGHT < 0:
         raise ValueError(
             "DISTILL.HD_WEIGHT, DISTILL.TFD_WEIGHT and DISTILL.MIMIC_WEIGHT must be non-negative"
+        )
+    if d.GATE_MARGIN < 0:
+        raise ValueError(f"DISTILL.GATE_MARGIN = {d.GATE_MARGIN}; expected m >= 0")
+    if d.BASELINE_MARGIN < 0:
+        raise ValueError(f"DISTILL.BASELINE_MARGIN = {d.BASELINE_MARGIN}; expected AP points >= 0")
+    if not 0.0 <= d.BASELINE_GUARD_FACTOR < 1.0:
+        raise ValueError(
+            f"DISTILL.BASELINE_GUARD_FACTOR = {d.BASELINE_GUARD_FACTOR}; expected 0 <= factor < 1 "
+            "(the distillation terms are multiplied by it each time the guard fires)"
+        )
+    if d.BASELINE_GUARD == "scale" and not d.WITH_BASELINE:
+        raise ValueError(
+            "DISTILL.BASELINE_GUARD 'scale' compares with the student trained alone: set "
+            "DISTILL.WITH_BASELINE True (tbd distill --with-baseline)"
         )

@@ -4,10 +4,15 @@ Training forward: the student's own loss dict (its ordinary forward, probed by a
 ``loss_hd = alpha * L_HD`` and ``loss_tfd = beta * L_TFD``. Eval forward: the student's.
 The teacher is frozen, in eval mode, run under ``no_grad`` only as far as its dense head, and is
 not a registered sub-module: it is absent from ``parameters()`` and ``state_dict()``.
+
+With ``DISTILL.WITH_BASELINE`` a second copy of the student, ``baseline``, trains without
+distillation on the same batches (its losses come back under ``baseline/``); see
+:mod:`tbd.distill.baseline` and METHODS.md §1.8.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Sequence
@@ -21,7 +26,9 @@ from torch import Tensor, nn
 from tbd.ops.boxes import pad_boxes
 
 from .adapters import FeatureAdapters
-from .config import FEATURE_NORMS, validate_tbd_config
+from .baseline import BASELINE_PREFIX, RngSnapshot
+from .config import FEATURE_NORMS, GATES, validate_tbd_config
+from .gate import level_gates, mean_gate
 from .losses import TaskMaps, feature_distance, harmony_distillation_loss, teacher_energy, tfd_loss
 from .peers import METHODS, peer_loss
 from .probes import LevelPrediction, Probe, get_probe_adapter
@@ -62,6 +69,10 @@ class TBDistiller(nn.Module):
         mimic_weight: the weight of a peer's loss.
         feature_norm: ``"teacher_energy"`` (feature distances relative to the teacher's feature
             energy per level and image) or ``"none"`` (raw squared distances).
+        gate, gate_margin: the student-aware gate of every distillation term
+            (:mod:`tbd.distill.gate`; ``"none"``: the paper's TBD).
+        with_baseline: keep ``baseline``, a copy of the student trained without distillation on the
+            same batches (:mod:`tbd.distill.baseline`).
     """
 
     @configurable
@@ -89,6 +100,9 @@ class TBDistiller(nn.Module):
         method: str = "tbd",
         mimic_weight: float = 0.4,
         feature_norm: str = "teacher_energy",
+        gate: str = "none",
+        gate_margin: float = 0.05,
+        with_baseline: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(student, TBDistiller) or isinstance(teacher, TBDistiller):
@@ -146,8 +160,24 @@ class TBDistiller(nn.Module):
         if teacher_amp not in ("", *_AMP_DTYPES):
             raise ValueError(f"unknown teacher precision {teacher_amp!r}; expected '', 'bf16' or 'fp16'")
         self.teacher_amp = teacher_amp
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
+        if gate_margin < 0:
+            raise ValueError(f"the gate margin must be non-negative, got {gate_margin}")
+        self.gate = gate
+        self.gate_margin = float(gate_margin)
+        # Reason: a copy of the student made before its probe hook exists, so the copy has none
+        self.baseline: nn.Module | None = copy.deepcopy(student) if with_baseline else None
+        if with_baseline:
+            # multiplies every distillation term; lowered by the guard (BASELINE_GUARD "scale"),
+            # checkpointed so a resumed run keeps it
+            self.register_buffer("distill_scale", torch.ones((), dtype=torch.float32))
+            # the last iteration whose evaluation the guard compared (exact resume of the guard)
+            self.register_buffer("guard_checked_iter", torch.tensor(-1, dtype=torch.int64))
         self._probe = Probe(student, self.student_adapter)
+        self._loaded_baseline = False
         self.register_load_state_dict_pre_hook(_accept_plain_student_checkpoint)
+        self.register_load_state_dict_post_hook(_sync_baseline_after_load)
 
     # ------------------------------------------------------------------ construction from cfg
     @classmethod
@@ -182,6 +212,9 @@ class TBDistiller(nn.Module):
             "method": d.METHOD,
             "mimic_weight": d.MIMIC_WEIGHT,
             "feature_norm": d.FEATURE_NORM,
+            "gate": d.GATE,
+            "gate_margin": d.GATE_MARGIN,
+            "with_baseline": d.WITH_BASELINE,
         }
 
     @classmethod
@@ -259,6 +292,53 @@ class TBDistiller(nn.Module):
         """The student's own state dict: what to export (loads into the plain student model)."""
         return self.student.state_dict()
 
+    # ------------------------------------------------------------------ the student trained alone
+    def sync_baseline(self) -> None:
+        """Give the baseline the student's current weights and buffers (no-op without a baseline).
+
+        Called after the student's initial weights are loaded (``MODEL.WEIGHTS``), so both start
+        from the same point; a load of a whole distiller state dict with ``baseline.*`` keys (a
+        resumed run) keeps the baseline's own.
+        """
+        if self.baseline is None:
+            return
+        self.baseline.load_state_dict(self.student.state_dict())
+        for name, module in self.student.named_modules():  # running values kept as attributes
+            values = {k: v for k, v in vars(module).items() if k.startswith("loss_normalizer")}
+            if values:
+                vars(self.baseline.get_submodule(name)).update(values)
+
+    def rebuild_baseline(self) -> None:
+        """Copy the student anew, e.g. after modules were attached to it (the auxiliary heads).
+
+        The optimizer must be built after this (Detectron2 builds it after ``build_model``).
+        """
+        if self.baseline is None:
+            return
+        self._probe.remove()
+        try:
+            baseline = copy.deepcopy(self.student)
+        finally:
+            self._probe = Probe(self.student, self.student_adapter)
+        self.baseline = baseline
+
+    def param_lr_factors(self) -> list[tuple[nn.Parameter, float]]:
+        """The LR multipliers the student names (e.g. CoDETR's backbone), for it and its baseline."""
+        out: list[tuple[nn.Parameter, float]] = []
+        for model in (self.student, self.baseline):
+            factors = getattr(model, "param_lr_factors", None)
+            if model is not None and callable(factors):
+                out.extend(factors())
+        return out
+
+    def gradient_clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter sets whose gradient norms are clipped apart (``CLIP_TYPE full_model``): the
+        baseline on its own, as if it trained alone; everything else together."""
+        if self.baseline is None:
+            return [list(self.parameters())]
+        own = {id(p) for p in self.baseline.parameters()}
+        return [[p for p in self.parameters() if id(p) not in own], list(self.baseline.parameters())]
+
     def export_student(self, path: str | os.PathLike) -> None:
         """Write a plain student checkpoint (``{"model": ...}``, DetectionCheckpointer's format).
 
@@ -270,13 +350,24 @@ class TBDistiller(nn.Module):
     def forward(self, batched_inputs: list[dict[str, Any]]) -> Any:
         if not self.training:
             return self.student(batched_inputs)
+        # the baseline replays the random numbers the student drew (e.g. R-CNN proposal sampling)
+        rng = RngSnapshot.take(self.device) if self.baseline is not None else None
         with self._probe.capture():
             losses = self.student(batched_inputs)
         student_levels = self._probe.levels()
         teacher_levels = self.teacher_levels(batched_inputs)
         gt = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
         gt_boxes, _, gt_mask = pad_boxes(gt)
-        losses.update(self.distillation_losses(teacher_levels, student_levels, gt_boxes, gt_mask))
+        distill = self.distillation_losses(teacher_levels, student_levels, gt_boxes, gt_mask)
+        if self.baseline is not None:
+            scale = self.distill_scale
+            distill = {k: v * scale.to(v.dtype) for k, v in distill.items()}
+            _put_scalars({"tbd/distill_scale": float(scale)})
+            assert rng is not None
+            rng.restore()
+            alone = self.baseline(batched_inputs)
+            losses.update({BASELINE_PREFIX + k: v for k, v in alone.items()})
+        losses.update(distill)
         return losses
 
     @torch.no_grad()
@@ -317,16 +408,27 @@ class TBDistiller(nn.Module):
             h, w = min(t.size[0], s.size[0]), min(t.size[1], s.size[1])
             t_levels.append(t.crop(h, w))
             s_levels.append(s.crop(h, w))
+        gates = None
+        if self.gate != "none":
+            gates = level_gates(
+                self.gate,
+                self.task_maps(t_levels, gt_boxes, gt_mask),
+                self.task_maps(s_levels, gt_boxes, gt_mask),
+                self.gate_margin,
+            )
+            _put_scalars({"tbd/gate_mean": mean_gate(gates or [])})
         if self.method != "tbd":
-            return self.peer_losses(t_levels, s_levels)
+            return self.peer_losses(t_levels, s_levels, gates)
         t_maps = self.task_maps(t_levels, gt_boxes, gt_mask)
         s_maps = self.task_maps(s_levels, gt_boxes, gt_mask)
-        zero = s_levels[0].feature.sum() * 0.0
+        # a term switched off (weight 0) is a constant: even a zero-valued branch of the graph would
+        # change the last bits of the student's gradients (autograd's accumulation order)
+        zero = s_levels[0].feature.new_zeros(())
         scalars: dict[str, float] = {}
 
         hd = zero
         if self.hd_weight > 0:
-            hd = harmony_distillation_loss(t_maps, s_maps, self.hd_mode)
+            hd = harmony_distillation_loss(t_maps, s_maps, self.hd_mode, gates)
             scalars["tbd/hd"] = hd.item()
 
         tfd = zero
@@ -335,7 +437,7 @@ class TBDistiller(nn.Module):
             weights = (
                 self.twg.weights_for(t_maps, s_maps) if self.twg is not None else self.fixed_task_weights
             )
-            terms = tfd_loss(distances, t_maps, weights)
+            terms = tfd_loss(distances, t_maps, weights, gates)
             tfd = terms.loss
             scalars.update(
                 {"tbd/tfd": tfd.item(), "tbd/tfd_cls": terms.cls.item(), "tbd/tfd_reg": terms.reg.item()}
@@ -363,14 +465,17 @@ class TBDistiller(nn.Module):
         ]
 
     def peer_losses(
-        self, t_levels: Sequence[LevelPrediction], s_levels: Sequence[LevelPrediction]
+        self,
+        t_levels: Sequence[LevelPrediction],
+        s_levels: Sequence[LevelPrediction],
+        gates: Sequence[Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """``loss_mimic`` of a peer baseline (``DISTILL.METHOD``) on already matched, cropped levels."""
         distances = self.feature_distances(t_levels, s_levels)
         teacher_pc = None
         if self.method == "cls_mask_mimic":
             teacher_pc = [classification_probability(t.logits, self.pc_mode) for t in t_levels]
-        loss = peer_loss(self.method, distances, teacher_pc)
+        loss = peer_loss(self.method, distances, teacher_pc, gates)
         _put_scalars({f"tbd/{self.method}": loss.item()})
         return {"loss_mimic": self.mimic_weight * loss}
 
@@ -386,12 +491,23 @@ def _put_scalars(scalars: dict[str, float]) -> None:
 
 
 def _accept_plain_student_checkpoint(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook: a checkpoint without ``student.`` keys is a plain student one."""
+    """Load-state-dict pre-hook: a checkpoint without ``student.`` keys is a plain student one.
+
+    Also notes whether the state holds the baseline's own tensors (a resumed run's checkpoint).
+    """
+    module._loaded_baseline = any(k.startswith(prefix + "baseline.") for k in state_dict)
     own = prefix + "student."
     if any(k.startswith(own) for k in state_dict):
         return
     for key in [k for k in state_dict if k.startswith(prefix)]:
         state_dict[own + key[len(prefix) :]] = state_dict.pop(key)
+
+
+def _sync_baseline_after_load(module: nn.Module, incompatible: Any) -> None:
+    """Load-state-dict post-hook: a state without ``baseline.*`` keys loaded the student's initial
+    weights; the baseline starts from the same ones."""
+    if not module._loaded_baseline:
+        module.sync_baseline()
 
 
 # ---------------------------------------------------------------------- building from a config

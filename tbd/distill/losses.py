@@ -43,9 +43,13 @@ def weighted_spatial_mean(values: Tensor, weights: Tensor) -> Tensor:
     return torch.where(safe, num / torch.where(safe, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def hd_level_plain(hs_t: Tensor, hs_s: Tensor) -> Tensor:
-    """Paper eq. 6 at one level: mean over locations of ``|HS^t - HS^s|`` -> ``[B]``."""
-    return (hs_t.detach() - hs_s).abs().flatten(1).mean(dim=1)
+def _gated(values: Tensor, gate: Tensor | None) -> Tensor:
+    return values if gate is None else values * gate.detach().to(values.dtype)
+
+
+def hd_level_plain(hs_t: Tensor, hs_s: Tensor, gate: Tensor | None = None) -> Tensor:
+    """Paper eq. 6 at one level: mean over locations of ``g |HS^t - HS^s|`` -> ``[B]`` (g = 1: no gate)."""
+    return _gated((hs_t.detach() - hs_s).abs(), gate).flatten(1).mean(dim=1)
 
 
 def iou_guided_weight(pr_t: Tensor, pc_t: Tensor, pc_s: Tensor) -> Tensor:
@@ -53,24 +57,31 @@ def iou_guided_weight(pr_t: Tensor, pc_t: Tensor, pc_s: Tensor) -> Tensor:
     return (pr_t * torch.sqrt(1.0 + (pc_t - pc_s).abs())).detach()
 
 
-def hd_level_iou_guided(teacher: TaskMaps, student: TaskMaps) -> Tensor:
-    """IoU-guided HD at one level: ``sum psi |HS^t - HS^s| / sum psi`` -> ``[B]`` (0 if sum psi = 0)."""
+def hd_level_iou_guided(teacher: TaskMaps, student: TaskMaps, gate: Tensor | None = None) -> Tensor:
+    """IoU-guided HD at one level: ``sum psi g |HS^t - HS^s| / sum psi`` -> ``[B]`` (0 if sum psi = 0)."""
     psi = iou_guided_weight(teacher.p_r, teacher.p_c, student.p_c)
-    return weighted_spatial_mean((teacher.hs.detach() - student.hs).abs(), psi)
+    return weighted_spatial_mean(_gated((teacher.hs.detach() - student.hs).abs(), gate), psi)
 
 
 def harmony_distillation_loss(
-    teacher: Sequence[TaskMaps], student: Sequence[TaskMaps], mode: str = "iou_guided"
+    teacher: Sequence[TaskMaps],
+    student: Sequence[TaskMaps],
+    mode: str = "iou_guided",
+    gates: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    """L_HD: the per-level terms summed over levels, averaged over images (unweighted by alpha)."""
+    """L_HD: the per-level terms summed over levels, averaged over images (unweighted by alpha).
+
+    ``gates``: one detached ``[B, H, W]`` weight per level (:mod:`tbd.distill.gate`), or ``None``.
+    """
     if mode not in HD_MODES:
         raise ValueError(f"unknown HD mode {mode!r}; expected one of {HD_MODES}")
     per_level = []
-    for t, s in zip(teacher, student):
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        gate = None if gates is None else gates[i]
         if mode == "plain":
-            per_level.append(hd_level_plain(t.hs, s.hs))
+            per_level.append(hd_level_plain(t.hs, s.hs, gate))
         else:
-            per_level.append(hd_level_iou_guided(t, s))
+            per_level.append(hd_level_iou_guided(t, s, gate))
     return torch.stack(per_level, dim=0).sum(dim=0).mean()
 
 
@@ -119,12 +130,20 @@ class TFDTerms:
     reg: Tensor
 
 
-def tfd_loss(distances: Sequence[Tensor], teacher: Sequence[TaskMaps], task_weights: Tensor) -> TFDTerms:
+def tfd_loss(
+    distances: Sequence[Tensor],
+    teacher: Sequence[TaskMaps],
+    task_weights: Tensor,
+    gates: Sequence[Tensor] | None = None,
+) -> TFDTerms:
     """L_TFD = sum_l T_l^0 * mean_{p_c^t}(d_l) + T_l^1 * mean_{p_r^t}(d_l), averaged over images.
 
     ``distances``: per level ``[B, H, W]`` (:func:`feature_distance`); ``task_weights``:
-    ``[B, L, 2]`` (TWG output) or ``[2]`` (fixed omega_c, omega_r).
+    ``[B, L, 2]`` (TWG output) or ``[2]`` (fixed omega_c, omega_r); ``gates``: one detached
+    ``[B, H, W]`` weight per level multiplying ``d_l`` (the masks' sums stay the normalisers).
     """
+    if gates is not None:
+        distances = [_gated(d, g) for d, g in zip(distances, gates)]
     cls = torch.stack(
         [weighted_spatial_mean(d, t.p_c.detach()) for d, t in zip(distances, teacher)], dim=1
     )  # [B, L]

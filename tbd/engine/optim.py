@@ -7,7 +7,9 @@ decay on norms when ``WEIGHT_DECAY_NORM`` is 0, bias LR factor) and its gradient
 Two additions for DETR-family models: a model with ``param_lr_factors()`` (pairs of parameter
 and LR multiplier, e.g. CoDETR's backbone at 0.1x) gets those multipliers, and
 ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "full_model"`` clips the norm of all gradients together (the
-DETR recipe; Detectron2's "norm" clips each parameter on its own).
+DETR recipe; Detectron2's "norm" clips each parameter on its own). A model with
+``gradient_clip_groups()`` (a distiller with the student trained alone beside it) has each group
+clipped on its own, so the two students do not share one norm.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     optimizer = _build(name, cfg, model)
     _apply_lr_factors(optimizer, model)
     if full_model_clip:
-        _clip_full_model(optimizer, float(cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE))
+        _clip_full_model(optimizer, float(cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE), _clip_groups(model))
     return optimizer
 
 
@@ -56,14 +58,27 @@ def _apply_lr_factors(optimizer: torch.optim.Optimizer, model: torch.nn.Module) 
         optimizer.add_param_group(group)
 
 
-def _clip_full_model(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+def _clip_groups(model: torch.nn.Module) -> list[set[int]]:
+    """Ids of the parameter sets the model wants clipped apart (``gradient_clip_groups``), or none."""
+    groups = getattr(model, "gradient_clip_groups", None)
+    return [{id(p) for p in group} for group in groups()] if callable(groups) else []
+
+
+def _clip_full_model(
+    optimizer: torch.optim.Optimizer, max_norm: float, groups: list[set[int]] | None = None
+) -> None:
     """Clip the total gradient norm of every parameter of ``optimizer`` before each step (a
-    subclass, as Detectron2's clipping: the LR scheduler wraps ``step`` as a bound method)."""
+    subclass, as Detectron2's clipping: the LR scheduler wraps ``step`` as a bound method).
+    ``groups``: parameter-id sets whose norms are clipped apart (parameters in none form one more)."""
     base = type(optimizer)
+    groups = list(groups or [])
 
     def step(self: torch.optim.Optimizer, closure: object = None) -> object:
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        rest = [p for p in params if not any(id(p) in ids for ids in groups)]
+        for part in [[p for p in params if id(p) in ids] for ids in groups] + [rest]:
+            if part:
+                torch.nn.utils.clip_grad_norm_(part, max_norm)
         return base.step(self, closure)
 
     optimizer.__class__ = type(base.__name__ + "WithFullModelClip", (base,), {"step": step})

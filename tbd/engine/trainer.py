@@ -17,7 +17,8 @@ import os
 import signal
 import time
 import weakref
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from detectron2.config import CfgNode
@@ -30,6 +31,14 @@ from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_st
 from torch.nn.parallel import DistributedDataParallel
 
 from tbd import compat, jsonio
+from tbd.distill.baseline import (
+    BASELINE_PREFIX,
+    baseline_of,
+    insert_baseline_hook,
+    split_losses,
+    sync_baseline,
+    with_harmony,
+)
 from tbd.engine.checkpoint import AtomicDetectionCheckpointer, remove_stale_temporaries
 from tbd.engine.data import PositionSeededDataset, ResumableTrainingSampler, replay_grouping
 from tbd.engine.optim import build_optimizer
@@ -82,16 +91,27 @@ class StrictJSONWriter(JSONWriter):
 
 
 class GuardedTrainer(SimpleTrainer):
-    """SimpleTrainer that skips (and reports) steps with a non-finite loss or gradient."""
+    """SimpleTrainer that skips (and reports) steps with a non-finite loss or gradient.
+
+    A distiller's baseline (``DISTILL.WITH_BASELINE``, losses under ``baseline/``) is checked apart:
+    a bad step of one of the two students skips that student's update only, as if each trained
+    alone; the baseline's bad steps are counted (``baseline/nonfinite_steps``) but never stop the run.
+    """
 
     def __init__(self, model: Any, data_loader: Any, optimizer: Any, max_nonfinite: int = 5) -> None:
         super().__init__(model, data_loader, optimizer)
         self.max_nonfinite = max_nonfinite
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
+        self.baseline_nonfinite_total = 0
+        baseline = baseline_of(model)
+        self._baseline_ids = {id(p) for p in baseline.parameters()} if baseline is not None else set()
 
     def _skip(self, reason: str) -> None:
         self.optimizer.zero_grad()
+        self._count_nonfinite(reason)
+
+    def _count_nonfinite(self, reason: str) -> None:
         self.nonfinite_streak += 1
         self.nonfinite_total += 1
         storage = get_event_storage()
@@ -110,6 +130,13 @@ class GuardedTrainer(SimpleTrainer):
                 "data; the last good checkpoint is kept."
             )
 
+    def _baseline_failed(self, reason: str) -> None:
+        self.baseline_nonfinite_total += 1
+        get_event_storage().put_scalar(
+            BASELINE_PREFIX + "nonfinite_steps", self.baseline_nonfinite_total, smoothing_hint=False
+        )
+        logger.warning("iteration %d: the baseline student's %s; its step skipped", self.iter, reason)
+
     def run_step(self) -> None:
         assert self.model.training, "[GuardedTrainer] model was changed to eval mode!"
         start = time.perf_counter()
@@ -119,23 +146,70 @@ class GuardedTrainer(SimpleTrainer):
         loss_dict = self.model(data)
         if isinstance(loss_dict, torch.Tensor):
             loss_dict = {"total_loss": loss_dict}
-        losses = sum(loss_dict.values())
-        if not bool(torch.isfinite(losses)):
+        main, alone = split_losses(loss_dict)
+        main_ok = _finite_sum(main)
+        alone_ok = not alone or _finite_sum(alone)
+        if not main_ok and not (alone and alone_ok):
             bad = [k for k, v in loss_dict.items() if not bool(torch.isfinite(v))]
             self._skip(f"non-finite loss in {', '.join(bad)}")
             return
+        if alone and not alone_ok:
+            self._baseline_failed("loss is not finite")
 
         self.optimizer.zero_grad()
-        losses.backward()
-        grads = [
-            p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None
-        ]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            self._skip("non-finite gradient")
-            return
-        self.nonfinite_streak = 0
-        self._write_metrics(loss_dict, data_time)
+        sum([*(main.values() if main_ok else ()), *(alone.values() if alone_ok else ())]).backward()
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        side = [p for p in params if id(p) in self._baseline_ids]
+        own = [p for p in params if id(p) not in self._baseline_ids]
+        if main_ok and not _finite_grads(own):
+            main_ok = False
+            for p in own:
+                p.grad = None
+            if not alone_ok or not alone:
+                self._skip("non-finite gradient")
+                return
+        if alone and alone_ok and not _finite_grads(side):
+            alone_ok = False
+            self._baseline_failed("gradient is not finite")
+            for p in side:
+                p.grad = None
+            if not main_ok:
+                self._skip("non-finite gradient")
+                return
+        if main_ok:
+            self.nonfinite_streak = 0
+            self._write_metrics(main, data_time)
+        else:  # only the baseline steps; the distilled student's step is skipped and counted
+            bad = [k for k, v in main.items() if not bool(torch.isfinite(v))]
+            self._count_nonfinite(f"non-finite {'loss in ' + ', '.join(bad) if bad else 'gradient'}")
+        if alone and alone_ok:
+            self._write_metrics(alone, data_time, prefix=BASELINE_PREFIX)
         self.optimizer.step()
+
+
+@contextmanager
+def _same_jit_numerics(enabled: bool) -> Iterator[None]:
+    """TorchScript's profiling executor differentiates a scripted function's first call (recorded
+    ops) and its later calls (a symbolic gradient) differently, in the last bits. The distilled
+    student and its baseline call the same functions (fvcore's focal loss, box coders), so the
+    student would get call 1 and the baseline call 2 of the first step, and the two would differ
+    from there on; the legacy executor gives every call the same numerics."""
+    if not enabled:
+        yield
+        return
+    previous = torch._C._jit_set_profiling_executor(False)
+    try:
+        yield
+    finally:
+        torch._C._jit_set_profiling_executor(previous)
+
+
+def _finite_sum(losses: dict[str, torch.Tensor]) -> bool:
+    return bool(torch.isfinite(sum(losses.values()))) if losses else False
+
+
+def _finite_grads(params: list[torch.nn.Parameter]) -> bool:
+    return not params or bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all())
 
 
 class _StopOnSignal(HookBase):
@@ -264,7 +338,12 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> Any:
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=compat.has_compiled_ops())
+        evaluator = COCOEvaluator(
+            dataset_name, output_dir=output_folder, use_fast_impl=compat.has_compiled_ops()
+        )
+        if "DISTILL" in cfg and cfg.DISTILL.WITH_BASELINE:  # both students' harmony at each evaluation
+            return with_harmony(evaluator, dataset_name)
+        return evaluator
 
     def build_writers(self) -> list[Any]:
         writers: list[Any] = [
@@ -283,7 +362,7 @@ class Trainer(DefaultTrainer):
         self.checkpointer = AtomicDetectionCheckpointer(
             self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        built = super().build_hooks()
+        built = insert_baseline_hook(self, super().build_hooks(), cfg)
         self._stop_hook = _StopOnSignal(self.checkpointer)
         extra: list[HookBase] = [self._stop_hook, _ModelRunningState(self._trainer.model)]
         if self._show_progress and comm.is_main_process():
@@ -297,7 +376,10 @@ class Trainer(DefaultTrainer):
         # backward differs in the last bits. A resumed process would restart that warm-up at its
         # first iteration, so its steps would differ from an uninterrupted run's; run them always
         # unoptimised (the eager numerics) so that resume is exact.
-        with torch.jit.optimized_execution(False):
+        with (
+            torch.jit.optimized_execution(False),
+            _same_jit_numerics(baseline_of(self._trainer.model) is not None),
+        ):
             return super().train()
 
     # --- resume -------------------------------------------------------------------------
@@ -315,7 +397,12 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume: bool = True) -> None:
         if resume and self.checkpointer.has_checkpoint():
-            super().resume_or_load(resume=True)
+            try:
+                super().resume_or_load(resume=True)
+            except ValueError:  # e.g. the optimizer's groups of a run without the baseline
+                self._check_resumed_baseline()
+                raise
+            self._check_resumed_baseline()
         else:
             # initial weights in any supported format, with a report; a partial fill is an error
             from tbd.engine.weights import load_initial_weights
@@ -323,12 +410,25 @@ class Trainer(DefaultTrainer):
             model = self._trainer.model
             model = model.module if isinstance(model, DistributedDataParallel) else model
             report = load_initial_weights(model, self.cfg.MODEL.WEIGHTS, self.cfg.TBD.ALLOW_PARTIAL_WEIGHTS)
+            sync_baseline(model)  # the student trained alone starts from the same weights
             if report is not None and comm.is_main_process():
                 logger.info(report.summary())
             self.start_iter = 0
             self.initial_weights_report = report
         if self.start_iter > 0:
             self._seek_data(self.start_iter)
+
+    def _check_resumed_baseline(self) -> None:
+        model = self._trainer.model
+        model = model.module if isinstance(model, DistributedDataParallel) else model
+        if baseline_of(model) is not None and not getattr(model, "_loaded_baseline", True):
+            from tbd.engine.weights import WeightsError
+
+            raise WeightsError(
+                f"the checkpoint in {self.cfg.OUTPUT_DIR} was written without the baseline student "
+                "(DISTILL.WITH_BASELINE / --with-baseline was off): the student trained alone must start "
+                "with the run. Resume without --with-baseline, or start a new run in another --output"
+            )
 
     def _seek_data(self, start_iter: int) -> None:
         """Restart the data stream where an uninterrupted run would be at ``start_iter``."""

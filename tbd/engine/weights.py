@@ -250,7 +250,7 @@ def bottom_up_name(model: nn.Module) -> str:
     names = [
         n for n, _ in model.named_modules() if n == "backbone.bottom_up" or n.endswith(".backbone.bottom_up")
     ]
-    names = [n for n in names if not n.startswith("teacher")]
+    names = [n for n in names if not n.startswith(("teacher", "baseline"))]  # a distiller's student
     if names:
         return min(names, key=len)
     if hasattr(model, "backbone"):

@@ -62,6 +62,11 @@ def attach_aux_heads(model: nn.Module, cfg: CN) -> nn.Module:
     target.register_forward_pre_hook(_drop_kept_features)
     target.backbone.register_forward_hook(_keep_features)
     target.register_forward_hook(_add_aux_losses)
+    inner = model
+    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        inner = inner.module
+    if inner is not target and callable(getattr(inner, "rebuild_baseline", None)):
+        inner.rebuild_baseline()  # the student trained alone gets the same heads (DISTILL.WITH_BASELINE)
     return model
 
 

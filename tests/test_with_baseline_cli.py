@@ -1,0 +1,43 @@
+"""`tbd distill --with-baseline` end to end: three rows, the gain in summary.json, the baseline logged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tbd.cli.main import main
+
+
+@pytest.mark.slow
+def test_with_baseline_reports_teacher_student_alone_and_distilled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "distill", "--teacher", "r50", "--student", "r18", "--head", "retinanet",
+        "--teacher-iters", "2", "--iters", "2", "--no-harmony", "--with-baseline",
+        "--teacher-cache", str(tmp_path / "cache"), "--output", str(tmp_path / "run"),
+        "--data-dir", str(tmp_path / "data"), "--num-train-images", "8", "--num-val-images", "4",
+        "--batch-size", "2", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "student alone" in out and "distilled student" in out and "gain (distilled − alone)" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["distill"]["with_baseline"] is True
+    alone, distilled = summary["student_alone"]["bbox"], summary["student"]["bbox"]
+    gain = summary["gain"]["bbox"]
+    assert set(gain) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    for key, value in gain.items():
+        assert value == pytest.approx(distilled[key] - alone[key], nan_ok=True)
+    assert summary["gain"]["note"]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "WITH_BASELINE: true" in config
+
+
+def test_without_baseline_the_gain_is_said_to_be_unknown() -> None:
+    from tbd.distill.baseline import gain_note
+
+    level, text = gain_note({"AP": 26.2}, None, 0.5)
+    assert level == "note" and "the gain of distillation is unknown" in text and "--with-baseline" in text
