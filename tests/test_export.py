@@ -3,14 +3,16 @@
 Each case is a distillation run folder (``config.yaml`` + a ``TBDistiller`` checkpoint) whose
 student has settings far from Detectron2's defaults where a lost key would show: RGB input, its own
 pixel mean/std, test sizes that resize the image, the embedded anchors, and a test score threshold
-of 0 so that an untrained model still answers with boxes. The exported pair is loaded the way
-README.md says (Detectron2's ``get_cfg``, ``DefaultPredictor``; for tbd's heads ``import
-tbd.modeling`` and its ``add_model_config``), and must predict the boxes the run's model predicts.
+of 0 so that an untrained model still answers with boxes. The exported pair is loaded in a fresh
+process by README.md's own snippets (Detectron2's ``get_cfg``, ``build_model`` and
+``DetectionCheckpointer``; for tbd's heads ``import tbd.modeling`` and its ``add_model_config``),
+and must predict, as Detectron2's ``DefaultPredictor`` does, the boxes the run's model predicts.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -89,68 +91,81 @@ def _predict_in_tbd(run: Path) -> dict[str, torch.Tensor]:
     return {"boxes": inst.pred_boxes.tensor, "scores": inst.scores, "classes": inst.pred_classes}
 
 
-# A fresh interpreter per kind of loader. For Detectron2's own architectures tbd cannot be imported
-# at all: only the environment fixes Detectron2 0.6 needs on this stack are applied, from
-# compat.py's file under another name (README.md has them as plain lines). For tbd's heads the
-# only tbd module imported is tbd.modeling; the config is Detectron2's get_cfg() plus
-# tbd.modeling.add_model_config, never tbd.config's.
-_NATIVE_PRELUDE = f"""
-import importlib.util, sys
-sys.modules["tbd"] = None  # any import of tbd fails
-spec = importlib.util.spec_from_file_location("env_fixes", {str(PROJECT_ROOT / "tbd" / "compat.py")!r})
-fixes = importlib.util.module_from_spec(spec); spec.loader.exec_module(fixes); fixes.apply()
-from detectron2.config import get_cfg
-def new_cfg():
-    return get_cfg()
-"""
+def _readme_block(marker: str, config: str, weights: str) -> str:
+    """The README's loading snippet between ``marker`` comments, with ``{config}``/``{weights}``
+    in place of its example paths."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    block = readme.split(f"<!-- {marker}:start -->", 1)[1].split(f"<!-- {marker}:end -->", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", block, flags=re.S)[0]
+    assert code.count(f'"{config}"') == 1 and code.count(f'"{weights}"') == 1, code
+    return code.replace(f'"{config}"', "CONFIG").replace(f'"{weights}"', "WEIGHTS")
 
-_TBD_PRELUDE = """
-import sys
-import tbd.modeling
-from detectron2.config import get_cfg
-def new_cfg():
-    cfg = get_cfg()
-    tbd.modeling.add_model_config(cfg)
-    return cfg
-"""
 
+#: per kind of export, the README's snippet and what it must not import. Detectron2's own
+#: architectures load with tbd impossible to import (the snippet carries the environment fixes
+#: Detectron2 0.6 needs here); tbd's heads with tbd.modeling, never tbd.config's get_cfg.
+LOADERS = {
+    True: (_readme_block("plain-load", "output/model_student.yaml", "output/model_student.pth"), "tbd"),
+    False: (
+        _readme_block(
+            "plain-load-tbd",
+            "runs/distill/export/config_student.yaml",
+            "runs/distill/export/model_student.pth",
+        ),
+        "tbd.config",
+    ),
+}
+
+# Runs the README snippet for each export in one fresh interpreter, then predicts on the image as
+# Detectron2's DefaultPredictor does (its __call__: input format, test-size resize, original size).
 _LOAD_AND_PREDICT = """
 import json, sys
+if FORBIDDEN == "tbd":
+    sys.modules["tbd"] = None  # any import of tbd fails
 import numpy as np, torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import DefaultPredictor
 
 torch.set_num_threads(1)
 image = np.load(sys.argv[1])
 for export in sys.argv[2:]:
-    cfg = new_cfg()
-    cfg.merge_from_file(export + "/config_student.yaml")
-    cfg.MODEL.WEIGHTS = export + "/model_student.pth"
-    predictor = DefaultPredictor(cfg)
-    ck = DetectionCheckpointer(predictor.model)
-    bad = ck._load_model(ck._load_file(cfg.MODEL.WEIGHTS))
+    CONFIG, WEIGHTS = export + "/config_student.yaml", export + "/model_student.pth"
+    namespace = {"CONFIG": CONFIG, "WEIGHTS": WEIGHTS}
+    exec(SNIPPET, namespace)
+    cfg, model = namespace["cfg"], namespace["model"]
+    from detectron2.checkpoint import DetectionCheckpointer
+    import detectron2.data.transforms as T
+    ck = DetectionCheckpointer(model)
+    bad = ck._load_model(ck._load_file(WEIGHTS))
+    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+    img = image[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else image
+    height, width = img.shape[:2]
+    img = aug.get_transform(img).apply_image(img)
+    x = torch.as_tensor(img.astype("float32").transpose(2, 0, 1))
+    model.eval()
     with torch.no_grad():
-        inst = predictor(image)["instances"]
+        inst = model([{"image": x, "height": height, "width": width}])[0]["instances"]
     torch.save({
         "boxes": inst.pred_boxes.tensor, "scores": inst.scores, "classes": inst.pred_classes,
-        "model": type(predictor.model).__name__,
+        "model": type(model).__name__,
         "missing": list(bad.missing_keys), "unexpected": list(bad.unexpected_keys),
         "shapes": [k for k, *_ in bad.incorrect_shapes],
         "cfg": cfg.dump(),
     }, export + "/plain.pth")
-assert "tbd.config" not in sys.modules and "tbd.cli" not in sys.modules, "more of tbd than tbd.modeling"
+assert FORBIDDEN not in sys.modules or sys.modules[FORBIDDEN] is None, FORBIDDEN + " was imported"
 print("LOADED", len(sys.argv) - 2)
 """
 
 
-def _load_in_fresh_process(prelude: str, image: Path, exports: list[Path]) -> None:
-    script = textwrap.dedent(prelude) + textwrap.dedent(_LOAD_AND_PREDICT)
+def _load_in_fresh_process(native: bool, image: Path, exports: list[Path]) -> None:
+    snippet, forbidden = LOADERS[native]
+    script = f"SNIPPET = {snippet!r}\nFORBIDDEN = {forbidden!r}\n" + textwrap.dedent(_LOAD_AND_PREDICT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if native:  # tbd is not on the path either
+        env["PYTHONPATH"] = ""
     done = subprocess.run(
         [sys.executable, "-c", script, str(image), *map(str, exports)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,  # seconds on an idle machine; minutes on a loaded 2-core one
         env=env,
         cwd=image.parent,
     )
@@ -171,9 +186,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
         run = _run_folder(root, name)
         assert main(["export", "--run", str(run)]) == 0
         results[name] = {"run": run, "export": run / "export", "tbd": _predict_in_tbd(run)}
-    for native, prelude in ((True, _NATIVE_PRELUDE), (False, _TBD_PRELUDE)):
+    for native in (True, False):
         names = [n for n, (_, _, nat) in CASES.items() if nat == native]
-        _load_in_fresh_process(prelude, image, [results[n]["export"] for n in names])
+        _load_in_fresh_process(native, image, [results[n]["export"] for n in names])
     for result in results.values():
         result["plain"] = torch.load(result["export"] / "plain.pth", weights_only=False)
     return results

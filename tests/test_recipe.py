@@ -43,7 +43,8 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     work = tmp_path_factory.mktemp("user")
     json_path, images = write_tiny_coco(work / "data", num_images=8, size=64)
-    teacher = load_config("retinanet_R50_FPN", ["MODEL.RETINANET.NUM_CLASSES", "2"])
+    # the example's default --teacher-config: fcos_R50_FPN, the embedded r50 teacher of tbd distill
+    teacher = load_config("fcos_R50_FPN", ["MODEL.FCOS.NUM_CLASSES", "2"])
     torch.manual_seed(0)
     torch.save({"model": build_model(teacher).state_dict()}, work / "teacher.pth")  # untrained R-50
     argv = [
