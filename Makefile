@@ -8,7 +8,7 @@ READY := $(VENV)/.tbd-ready
 DEMO_ARGS ?= --teacher-iters 100 --iters 80 --batch-size 4 --num-train-images 600 \
 	--num-val-images 60 --eval-period 0 --output runs/demo --overwrite
 
-.PHONY: venv demo test test-all lint format clean-venv
+.PHONY: venv demo test test-slow test-all lint format clean-venv
 
 $(READY): pyproject.toml scripts/bootstrap.sh scripts/install_detectron2.py
 	bash scripts/bootstrap.sh $(VENV)
@@ -21,6 +21,10 @@ demo: $(READY)
 
 test: $(READY)
 	$(PY) -m pytest
+
+# the long end-to-end tests (@pytest.mark.slow) alone: `make test` skips them, CI runs both
+test-slow: $(READY)
+	$(PY) -m pytest -m slow --runslow
 
 test-all: $(READY)
 	$(PY) -m pytest --runslow

@@ -77,7 +77,11 @@ def main(args):
 
 if __name__ == "__main__":
     parser = default_argument_parser()
-    parser.add_argument("--teacher-config", default=str(CONFIG_DIR / "retinanet_R50_FPN.yaml"))
+    parser.add_argument(
+        "--teacher-config",
+        default=str(CONFIG_DIR / "fcos_R50_FPN.yaml"),
+        help="the teacher's config (default: the r50 teacher that `tbd distill --teacher r50` trains and caches)",
+    )
     parser.add_argument("--teacher-weights", required=True, help="the trained teacher's checkpoint")
     parser.add_argument("--train-json", help="COCO-format training annotations (default: embedded data)")
     parser.add_argument("--train-images", help="image directory of --train-json")

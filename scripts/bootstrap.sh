@@ -6,6 +6,15 @@ VENV="${1:-.venv}"
 PYTHON="${PYTHON:-python3}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 
+# the pinned torch wheels (2.14.1; 2.9.1 on aarch64) exist for Python 3.10 and newer only
+CHECK_PY="$PYTHON"
+[ -x "$VENV/bin/python" ] && CHECK_PY="$VENV/bin/python"
+if ! "$CHECK_PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+  echo "[bootstrap] error: $("$CHECK_PY" --version 2>&1) ($CHECK_PY) is too old: tbd's pinned torch needs" \
+    "Python 3.10 or newer. Run with PYTHON=python3.11 (any 3.10+), after removing $VENV if it exists." >&2
+  exit 1
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[bootstrap] creating virtual environment in $VENV"
   "$PYTHON" -m venv "$VENV"

@@ -39,26 +39,12 @@ def add_project_config(cfg: CN) -> None:
 
 
 def _extensions() -> list[Callable[[CN], None]]:
-    """Every ``add_*_config`` of the project, in a fixed order."""
-    from tbd.modeling.fcos.detector import add_fcos_config
+    """Every ``add_*_config`` of the project, in a fixed order: tbd's own keys (``TBD.*``), its
+    models' (:data:`tbd.modeling.MODEL_CONFIGS`), then distillation's (``DISTILL.*``)."""
+    from tbd.distill.config import add_tbd_config
+    from tbd.modeling import MODEL_CONFIGS
 
-    found: list[Callable[[CN], None]] = [add_project_config, add_fcos_config]
-    for module, name in (
-        ("tbd.modeling.tal.assigner", "add_tal_config"),
-        ("tbd.modeling.dw.detector", "add_dw_config"),
-        ("tbd.modeling.backbones.mobilenet", "add_mobilenet_config"),
-        ("tbd.modeling.aux_heads.config", "add_aux_heads_config"),
-        ("tbd.modeling.codetr", "add_codetr_config"),
-        ("tbd.distill.config", "add_tbd_config"),
-    ):
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue
-        found.append(getattr(mod, name))
-    return found
+    return [add_project_config, *MODEL_CONFIGS, add_tbd_config]
 
 
 def add_all_config(cfg: CN) -> CN:

@@ -52,6 +52,16 @@ def student_cfg(cfg: CfgNode) -> CfgNode:
     return out
 
 
+def keys_of(cfg: CfgNode, ref: CfgNode) -> CfgNode:
+    """``cfg`` restricted to the keys that ``ref`` has (at every depth), with ``cfg``'s values."""
+    kept = CfgNode()
+    for key, value in cfg.items():
+        if key not in ref:
+            continue
+        kept[key] = keys_of(value, ref[key]) if isinstance(value, CfgNode) else value
+    return kept
+
+
 def detectron2_only(cfg: CfgNode) -> CfgNode:
     """``cfg`` restricted to the keys of Detectron2's own default config.
 
@@ -60,34 +70,44 @@ def detectron2_only(cfg: CfgNode) -> CfgNode:
     """
     from detectron2.config import get_cfg
 
-    base = get_cfg()
+    return keys_of(cfg, get_cfg())
 
-    def prune(node: CfgNode, ref: CfgNode) -> CfgNode:
-        kept = CfgNode()
-        for key, value in node.items():
-            if key not in ref:
-                continue
-            kept[key] = prune(value, ref[key]) if isinstance(value, CfgNode) else value
-        return kept
 
-    return prune(cfg, base)
+def loading_config(native: bool) -> CfgNode:
+    """The config a user merges an exported YAML into: Detectron2's ``get_cfg()``, plus
+    :func:`tbd.modeling.add_model_config` for a tbd model (``native`` False)."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    if not native:
+        from tbd.modeling import add_model_config
+
+        add_model_config(cfg)
+    return cfg
+
+
+def is_native(cfg: CfgNode) -> bool:
+    """Whether ``cfg``'s meta-architecture and backbone are Detectron2's own (not registered by tbd)."""
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)
+    return arch.__module__.startswith("detectron2.") and backbone.__module__.startswith("detectron2.")
 
 
 def student_config_yaml(run_cfg: CfgNode) -> str:
-    """The student's config as YAML: Detectron2's keys only for a Detectron2 architecture.
+    """The student's config as YAML, with exactly the keys its loader has.
 
-    Plain Detectron2 (``get_cfg().merge_from_file``) loads it for RetinaNet / Faster R-CNN on a
-    Detectron2 backbone; a tbd head (TOOD, ET, DW, FCOSDetector) or a tbd backbone (MobileNetV2)
-    keeps its tbd keys and needs ``import tbd.modeling`` to be registered.
+    For a Detectron2 architecture on a Detectron2 backbone (RetinaNet, Faster R-CNN on a ResNet):
+    Detectron2's keys only, so ``get_cfg().merge_from_file`` loads it without tbd. For a tbd head
+    (TOOD, ET, DW, FCOSDetector) or tbd backbone (MobileNetV2): Detectron2's keys plus those of
+    :func:`tbd.modeling.add_model_config`. Never the training-only ``DISTILL.*``, ``TBD.*`` or
+    ``SOLVER.OPTIMIZER``; every kept value is the student's (pixel mean/std, input format and test
+    sizes, anchors, test thresholds, ...), with ``MODEL.WEIGHTS`` empty.
     """
-    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
-
     cfg = student_cfg(run_cfg)
     cfg.MODEL.WEIGHTS = ""
-    arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
-    backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)
-    native = arch.__module__.startswith("detectron2.") and backbone.__module__.startswith("detectron2.")
-    return (detectron2_only(cfg) if native else cfg).dump()
+    return keys_of(cfg, loading_config(is_native(cfg))).dump()
 
 
 def load_student_state(checkpoint: str | Path) -> dict[str, Any]:

@@ -242,7 +242,7 @@ def pick_device(name: str) -> str:
 
 def apply_common(cfg: CfgNode, args: argparse.Namespace, train: str, test: str) -> CfgNode:
     """Datasets, class count, device, schedule flags and trailing KEY VALUE overrides."""
-    from tbd.data import num_classes
+    from tbd.data import TRAIN_NAME, VAL_NAME, num_classes
 
     cfg.DATASETS.TRAIN = (train,)
     cfg.DATASETS.TEST = (test,)
@@ -250,6 +250,9 @@ def apply_common(cfg: CfgNode, args: argparse.Namespace, train: str, test: str) 
     cfg.MODEL.DEVICE = pick_device(getattr(args, "device", "auto"))
     if getattr(args, "data_dir", None):
         cfg.TBD.DATA_DIR = args.data_dir
+    if TRAIN_NAME in (train, test) or VAL_NAME in (train, test):  # record the embedded split sizes used
+        cfg.TBD.NUM_TRAIN_IMAGES = getattr(args, "num_train_images", None) or cfg.TBD.NUM_TRAIN_IMAGES
+        cfg.TBD.NUM_VAL_IMAGES = getattr(args, "num_val_images", None) or cfg.TBD.NUM_VAL_IMAGES
     iters = getattr(args, "iters", None)
     if iters:
         set_iterations(cfg, iters)

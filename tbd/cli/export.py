@@ -1,4 +1,5 @@
-"""``tbd export``: a student-only checkpoint and config that plain Detectron2 loads."""
+"""``tbd export``: a student-only checkpoint and config that plain Detectron2 loads (+ ``tbd.modeling``
+for tbd's heads)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ def add_parser(sub: Any) -> None:
         help="write a student-only checkpoint for plain Detectron2",
         description=(
             "From a run directory of `tbd distill` (or `tbd train`), write model_student.pth (the "
-            "student's weights only: no teacher, adapters or TWG) and config_student.yaml. For a "
-            "Detectron2 architecture (RetinaNet, Faster R-CNN) the config holds only Detectron2's keys, "
-            "so `get_cfg()`, `build_model` and `DetectionCheckpointer` load it without tbd."
+            "student's weights only: no teacher, adapters, TWG or auxiliary heads) and "
+            "config_student.yaml (the student's settings, no DISTILL/TBD keys). For a Detectron2 "
+            "architecture (RetinaNet, Faster R-CNN) the config holds only Detectron2's keys, so "
+            "`get_cfg()`, `build_model` and `DetectionCheckpointer` load it without tbd; for tbd's heads "
+            "(TOOD, ET, DW, FCOS) or MobileNetV2, `import tbd.modeling` and "
+            "`tbd.modeling.add_model_config(cfg)` first (README)."
         ),
     )
     p.add_argument("--run", required=True, help="run directory (config.yaml + checkpoints)")
