@@ -58,7 +58,8 @@ class TBDistiller(nn.Module):
             :func:`tbd.distill.task_probs.classification_probability`.
         tfd_mode: ``"twg"`` (learned task weights) or ``"fixed"`` (``tfd_cls_weight``,
             ``tfd_reg_weight``).
-        adapter: ``"conv1x1"`` or ``"identity"`` (phi on the student's FPN features).
+        adapter: ``"conv1x1"`` or ``"identity"`` (phi on the student's FPN features). With
+            ``tfd_weight`` 0 (the HD-only ablation) neither the adapters nor TWG are built.
         strides: FPN strides to distill; empty: every stride both models have.
         teacher_amp: ``""``, ``"bf16"`` or ``"fp16"``.
         teacher_input_format, student_input_format: ``"BGR"``/``"RGB"``; when they differ the
