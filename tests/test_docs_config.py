@@ -85,3 +85,15 @@ def test_an_undocumented_key_is_caught() -> None:
     assert _documented("MODEL.TAL.TOPK", docs) and _documented("MODEL.AUX_HEADS.ATSS.TOPK", docs)
     assert not _documented("MODEL.TAL.NOT_A_KEY", docs)
     assert not _documented("TBD.NOT_A_KEY", {"x.md": "| `TBD.DATA_DIR` | |\n| `NOT_A_KEY_ELSEWHERE` | |"})
+
+
+def test_every_test_the_docs_cite_exists() -> None:
+    """docs/ERRORS.md and others name the test of each behaviour (`test_file::test_name`)."""
+    cited = {(f, t) for text in _docs().values() for f, t in re.findall(r"(test_\w+)::(test_\w+)", text)}
+    assert len(cited) > 30
+    missing = []
+    for file, test in sorted(cited):
+        path = PROJECT_ROOT / "tests" / f"{file}.py"
+        if not path.is_file() or not re.search(rf"^def {test}\(", path.read_text(), flags=re.M):
+            missing.append(f"{file}::{test}")
+    assert not missing, f"the docs cite tests that do not exist: {missing}"

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -173,25 +173,29 @@ def _load_in_fresh_process(native: bool, image: Path, exports: list[Path]) -> No
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
     """Per case: the run's predictions in tbd, the exported YAML, and what plain Detectron2 made of it."""
     from tbd.cli.main import main
 
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("export")
-    image = root / "image.npy"
-    np.save(image, _image())
-    results: dict[str, dict[str, Any]] = {}
-    for name in CASES:
-        run = _run_folder(root, name)
-        assert main(["export", "--run", str(run)]) == 0
-        results[name] = {"run": run, "export": run / "export", "tbd": _predict_in_tbd(run)}
-    for native in (True, False):
-        names = [n for n, (_, _, nat) in CASES.items() if nat == native]
-        _load_in_fresh_process(native, image, [results[n]["export"] for n in names])
-    for result in results.values():
-        result["plain"] = torch.load(result["export"] / "plain.pth", weights_only=False)
-    return results
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the fresh processes: the same kernels, the same float sums
+    try:
+        root = tmp_path_factory.mktemp("export")
+        image = root / "image.npy"
+        np.save(image, _image())
+        results: dict[str, dict[str, Any]] = {}
+        for name in CASES:
+            run = _run_folder(root, name)
+            assert main(["export", "--run", str(run)]) == 0
+            results[name] = {"run": run, "export": run / "export", "tbd": _predict_in_tbd(run)}
+        for native in (True, False):
+            names = [n for n, (_, _, nat) in CASES.items() if nat == native]
+            _load_in_fresh_process(native, image, [results[n]["export"] for n in names])
+        for result in results.values():
+            result["plain"] = torch.load(result["export"] / "plain.pth", weights_only=False)
+    finally:
+        torch.set_num_threads(threads)
+    yield results
 
 
 def _flat(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
