@@ -236,8 +236,15 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> Any:
+        """COCO AP and the harmonious share (tbd.analysis.harmony, default thresholds) of every
+        evaluation: ``bbox/AP``, ``harmony/harmonious_share`` ... in metrics.json (``tbd plot``)."""
+        from detectron2.evaluation import DatasetEvaluators
+
+        from tbd.analysis.harmony import HarmonyEvaluator
+
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=compat.has_compiled_ops())
+        coco = COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=compat.has_compiled_ops())
+        return DatasetEvaluators([coco, HarmonyEvaluator(dataset_name)])
 
     def build_writers(self) -> list[Any]:
         writers: list[Any] = [
