@@ -252,3 +252,13 @@ def test_real_tiny_distillation_run(tmp_path: Path) -> None:
     assert main(["plot", "--run", str(run), "-o", str(out), "--format", "png"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["evaluation.png", "training.png"]
     assert all(math.isfinite(v) for v in lines_by_label(fig.axes[2])[f"{curves.name} (loss_tfd)"].get_ydata())
+
+
+def test_a_half_written_last_line_is_skipped_but_a_broken_middle_line_is_an_error(tmp_path: Path) -> None:
+    folder = write_run(tmp_path / "r")
+    text = (folder / "metrics.json").read_text()
+    (folder / "metrics.json").write_text(text + '{"iteration": 120, "loss_c')
+    assert load_run(folder).evaluations()[1].tolist() == [4.9, 9.9]
+    (folder / "metrics.json").write_text('{"iteration": 1, "loss_c\n' + text)
+    with pytest.raises(RunDataError, match="line 1 is not JSON"):
+        load_run(folder)

@@ -112,13 +112,14 @@ def load_run(folder: str | Path, name: str | None = None) -> RunCurves:
             "training has not logged yet (Detectron2 writes it every 20 iterations)"
         )
     run = RunCurves(name=name or path.resolve().name, folder=path)
-    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
+    lines = metrics.read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            if number == len(metrics.read_text().splitlines()):
+            if number == len(lines):
                 break  # the last line of a run that is still writing
             raise RunDataError(f"{metrics}: line {number} is not JSON ({err})") from err
         iteration = row.get("iteration") if isinstance(row, dict) else None
@@ -317,7 +318,7 @@ def evaluation_figure(runs: Sequence[RunCurves], notes: EvaluationNotes | None =
         _note(ax, "no evaluation in these runs' metrics.json or summary.json")
     if notes.lines:
         fig.text(0.01, 0.005, "\n".join(notes.lines), fontsize=7, va="bottom", ha="left", color="0.3")
-    fig.tight_layout(rect=(0.0, 0.04 * len(notes.lines), 1.0, 1.0))
+    fig.tight_layout(rect=(0.0, min(0.3, 0.04 * len(notes.lines)), 1.0, 1.0))
     return fig
 
 
