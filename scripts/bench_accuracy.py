@@ -68,8 +68,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=PC_MODES,
         help="also run tbd_full with each of these DISTILL.PC_MODE values (variant tbd_full_pc_<mode>)",
     )
-    p.add_argument("--teacher", default="r50", help="teacher name (tbd teachers): r50 or r101")
-    p.add_argument("--teacher-iters", type=int, default=3000, help="iterations of the cached teacher")
+    p.add_argument(
+        "--teacher",
+        default="mnv2in",
+        help="teacher name (tbd teachers; default mnv2in: MobileNetV2-FPN from ImageNet, which needs "
+        "torchvision's mobilenet_v2 file offline, docs/BACKBONES.md); r50 or r101 from scratch",
+    )
+    p.add_argument(
+        "--teacher-iters",
+        type=int,
+        help="iterations of the cached teacher (default: the registry's train_iters)",
+    )
     p.add_argument("--teacher-cache", type=Path, help="teacher cache (default: the CLI's)")
     p.add_argument("--student", default="r18")
     p.add_argument("--head", default="tal", help="student head for every variant (default tal)")
@@ -158,7 +167,9 @@ def run_commands(
         harmony += _dataset_flags(args)
         cmds = [] if (run_dir / "results.json").is_file() else [train]
         return cmds + [harmony]
-    cmd = [*_tbd(), "distill", "--teacher", args.teacher, "--teacher-iters", str(args.teacher_iters)]
+    cmd = [*_tbd(), "distill", "--teacher", args.teacher]
+    if args.teacher_iters:
+        cmd += ["--teacher-iters", str(args.teacher_iters)]
     cmd += ["--student", args.student, "--head", args.head, "-o", str(run_dir), *resume, *common]
     if args.teacher_cache:
         cmd += ["--teacher-cache", str(args.teacher_cache)]
@@ -475,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     text = format_table(table, n_seeds, thresholds)
     print(text)
     print(
-        f"{args.student}-{args.head} student, teacher {args.teacher} ({args.teacher_iters} it), "
+        f"{args.student}-{args.head} student, teacher {args.teacher} ({args.teacher_iters or 'registry'} it), "
         f"{args.iters} it, batch {args.batch_size}, {args.num_train_images} train / "
         f"{args.num_val_images} val images, seeds {args.seeds}; mean ± sample std over seeds; "
         "harmonious: score >= 0.5 and IoU >= 0.7 (tbd harmony defaults)"

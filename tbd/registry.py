@@ -1,7 +1,9 @@
 """Named models: the teacher registry (``teachers/*.yaml``, one file per teacher) and students.
 
 A teacher file says, per dataset, which Detectron2 config it uses, where its weights come from
-(a model-zoo URL, a local path, or ``train`` = train it here and cache it) and its reported AP.
+(a model-zoo URL, a local path, or ``train`` = train it here and cache it), for a teacher trained
+here the initial weights it starts from (``init_weights``, e.g. ``torchvision://mobilenet_v2``;
+default: from scratch) and its reported AP.
 Students are a backbone (``r18``/``r34``/``r50``/``r101``, ``mnv2``) plus a head (``tal``, ``et``, ``dw``,
 ``retinanet``, ``fcos``).
 """
@@ -32,10 +34,16 @@ class TeacherEntry:
     weights: str  # URL, local path, or "train"
     reported_ap: float | None = None
     train_iters: int | None = None
+    #: initial weights of a teacher trained here (``MODEL.WEIGHTS`` of its training); "" = from scratch
+    init_weights: str = ""
 
     @property
     def trains_here(self) -> bool:
         return self.weights == "train"
+
+    def train_opts(self) -> list[str]:
+        """Config overrides of this teacher's training: its initial weights, when it has any."""
+        return ["MODEL.WEIGHTS", self.init_weights] if self.trains_here and self.init_weights else []
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,12 @@ class ModelSpec:
     opts: list[str] = field(default_factory=list)
     description: str = ""
 
+    @property
+    def init_weights(self) -> str:
+        """The ``MODEL.WEIGHTS`` its ``opts`` set (a registry teacher's initial weights), else ""."""
+        pairs = dict(zip(self.opts[::2], self.opts[1::2]))
+        return str(pairs.get("MODEL.WEIGHTS", ""))
+
 
 def dataset_key(dataset: str) -> str:
     """Registry key of a Detectron2 dataset name: ``coco_2017_train`` -> ``coco_2017``."""
@@ -86,11 +100,18 @@ def _parse_teacher(path: Path) -> Teacher:
     for key, item in raw["datasets"].items():
         if not isinstance(item, dict) or "config" not in item or "weights" not in item:
             raise RegistryError(f"{path}: dataset {key!r} needs 'config' and 'weights'")
+        init = item.get("init_weights") or ""
+        if init and str(item["weights"]) != "train":
+            raise RegistryError(
+                f"{path}: dataset {key!r} has init_weights but its weights are not 'train'; initial "
+                "weights apply only to a teacher trained here (remove init_weights, or set weights: train)"
+            )
         entries[str(key)] = TeacherEntry(
             config=str(item["config"]),
             weights=str(item["weights"]),
             reported_ap=item.get("reported_ap"),
             train_iters=item.get("train_iters"),
+            init_weights=str(init),
         )
     return Teacher(
         name=str(raw["name"]),
@@ -164,12 +185,15 @@ def student_spec(name: str, head: str = DEFAULT_HEAD) -> ModelSpec:
 
 
 def teacher_spec(name: str, dataset: str) -> tuple[ModelSpec, TeacherEntry]:
+    """The teacher's config and registry entry on ``dataset``; for a teacher trained here the spec's
+    ``opts`` set its initial weights (``MODEL.WEIGHTS``), which enter its cache key like any setting."""
     teacher = get_teacher(name)
     entry = teacher.entry(dataset)
     config = CONFIG_DIR / entry.config
     if not config.is_file():
         raise RegistryError(f"teacher {name!r}: config {config} does not exist (from {teacher.source})")
-    return ModelSpec(name=name, config=config, description=teacher.description), entry
+    spec = ModelSpec(name=name, config=config, opts=entry.train_opts(), description=teacher.description)
+    return spec, entry
 
 
 def resolve_model(name: str, head: str | None = None, dataset: str = EMBEDDED_DATASET) -> ModelSpec:
@@ -201,8 +225,14 @@ def describe_teachers() -> list[dict[str, Any]]:
                     "description": teacher.description,
                     "dataset": key,
                     "config": entry.config,
-                    "weights": "train here (cached)" if entry.trains_here else entry.weights,
+                    "weights": _weights_text(entry),
                     "reported_ap": entry.reported_ap,
                 }
             )
     return rows
+
+
+def _weights_text(entry: TeacherEntry) -> str:
+    if not entry.trains_here:
+        return entry.weights
+    return f"train here from {entry.init_weights} (cached)" if entry.init_weights else "train here (cached)"

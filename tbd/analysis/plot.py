@@ -20,8 +20,20 @@ def plot_harmony(
     ``summaries`` maps a model name to :func:`tbd.analysis.harmony.summarize`'s dict; all of them
     must share one set of thresholds. The bars sit on a true IoU axis (bin edges may be uneven), a
     dashed line marks ``iou_thresh`` and the legend gives each model's harmonious share and count
-    of easy predictions. Returns the written path.
+    of easy predictions. Returns the written path (its suffix picks the format: .png, .svg, ...).
     """
+    import matplotlib.pyplot as plt
+
+    fig = harmony_figure(summaries, title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def harmony_figure(summaries: Mapping[str, Mapping[str, Any]], title: str | None = None) -> Any:
+    """The figure of :func:`plot_harmony` (a matplotlib ``Figure``, not yet saved or closed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,8 +87,4 @@ def plot_harmony(
     ax.legend(
         fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=n if n <= 2 else 1, frameon=False
     )
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return fig

@@ -8,7 +8,7 @@ import sys
 from typing import Any, Sequence
 
 import tbd
-from tbd.cli import distill, evaluate, export, harmony, teachers, train
+from tbd.cli import distill, evaluate, export, harmony, plot, teachers, train
 from tbd.cli.common import UsageError, close_run_log, console, quiet_warnings
 from tbd.cli.runrecord import given_dests
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_parser(sub)
     teachers.add_parser(sub)
     harmony.add_parser(sub)
+    plot.add_parser(sub)
     return parser
 
 

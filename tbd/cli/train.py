@@ -61,7 +61,7 @@ def build_train_cfg(args: argparse.Namespace, train: str, test: str) -> CfgNode:
             )
         if args.student_weights:
             common.check_weights_arg(args.student_weights, "--weights")
-        cfg.MODEL.WEIGHTS = args.student_weights or ""
+        cfg.MODEL.WEIGHTS = args.student_weights or spec.init_weights  # a registry teacher's init
     common.apply_common(cfg, args, train, test)
     cfg.OUTPUT_DIR = str(args.output)
     return cfg

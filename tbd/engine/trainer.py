@@ -337,11 +337,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> Any:
+        """COCO AP and the harmonious share (tbd.analysis.harmony, default thresholds) of every
+        evaluation: ``bbox/AP``, ``harmony/harmonious_share`` ... in metrics.json (``tbd plot``)."""
+        from detectron2.evaluation import DatasetEvaluators
+
+        from tbd.analysis.harmony import HarmonyEvaluator
+
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        evaluator = COCOEvaluator(
-            dataset_name, output_dir=output_folder, use_fast_impl=compat.has_compiled_ops()
-        )
-        if "DISTILL" in cfg and cfg.DISTILL.WITH_BASELINE:  # both students' harmony at each evaluation
+        coco = COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=compat.has_compiled_ops())
+        evaluator = DatasetEvaluators([coco, HarmonyEvaluator(dataset_name)])
+        if "DISTILL" in cfg and cfg.DISTILL.WITH_BASELINE:  # both students' harmony at 0.5 and 0.3
             return with_harmony(evaluator, dataset_name)
         return evaluator
 

@@ -125,7 +125,9 @@ def _read_torchvision(spec: str) -> dict[str, torch.Tensor]:
             f"{spec} needs torchvision's file {target.name} in {target.parent} (it is looked up under "
             f"$TORCH_HOME/hub/checkpoints; TORCH_HOME={os.environ.get('TORCH_HOME', 'unset')}), and "
             f"downloading it failed ({type(err).__name__}: {err}). Fetch {weights.url} on a machine "
-            f"with network access and put it at {target}, or pass the local file as the weights."
+            f"with network access and put it at {target} (or set TORCH_HOME to a folder whose "
+            "hub/checkpoints/ holds it), or pass the local file as the initial weights: --weights FILE "
+            "(tbd train, a registry teacher too), --student-weights FILE (tbd distill's student)."
         ) from err
 
 
