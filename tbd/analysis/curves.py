@@ -255,7 +255,13 @@ def evaluation_figure(runs: Sequence[RunCurves], notes: EvaluationNotes | None =
         final = run.summary_harmony("student")
         if h_its.size:
             share_ax.plot(
-                h_its, 100.0 * share, color=c, marker="s", linestyle=":", label=f"{run.name}: harmonious %"
+                h_its,
+                100.0 * share,
+                color=c,
+                marker="s",
+                linestyle=":",
+                markerfacecolor="none",
+                label=f"{run.name}: harmonious %",
             )
         elif (
             final is not None
@@ -267,6 +273,8 @@ def evaluation_figure(runs: Sequence[RunCurves], notes: EvaluationNotes | None =
                 [100.0 * final["harmonious_share"]],
                 color=c,
                 marker="D",
+                markersize=8,
+                markerfacecolor="none",
                 linestyle="none",
                 label=f"{run.name}: harmonious % (final)",
             )
@@ -298,7 +306,7 @@ def evaluation_figure(runs: Sequence[RunCurves], notes: EvaluationNotes | None =
     ax.set_xlabel("iteration")
     ax.set_ylabel("AP (COCO, %)")
     share_ax.set_ylabel("harmonious share of easily classified predictions (%)")
-    share_ax.set_ylim(0.0, 100.0)
+    share_ax.set_ylim(0.0, 102.0)  # a 100 % point stays visible
     ax.set_ylim(bottom=0.0)
     ax.grid(alpha=0.3)
     ax.set_title("evaluation: AP (left) and harmonious share (right) per evaluation", fontsize=10)
