@@ -107,3 +107,25 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def forget_datasets(before: set[str]) -> None:
+    """Remove every dataset registered since ``before`` (Detectron2's catalogs are process-global)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for name in set(DatasetCatalog.list()) - before:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.pop(name, None)
+
+
+@pytest.fixture
+def isolated_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """A CLI test's own data cache under tmp, a wide console, and every dataset it registers removed
+    after it."""
+    from detectron2.data import DatasetCatalog
+
+    monkeypatch.setenv("TBD_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("COLUMNS", "1000")
+    before = set(DatasetCatalog.list())
+    yield
+    forget_datasets(before)

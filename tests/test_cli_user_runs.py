@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
-from conftest import write_tiny_coco
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from conftest import forget_datasets, write_tiny_coco
+from detectron2.data import DatasetCatalog
 
 from tbd.cli.main import build_parser, main
 
-
-def _forget_datasets(before: set[str]) -> None:
-    for name in set(DatasetCatalog.list()) - before:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.pop(name, None)
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """Cleaned jsons under tmp, a wide console, and every dataset a test registers removed after it."""
-    monkeypatch.setenv("TBD_DATA_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("COLUMNS", "1000")
-    before = set(DatasetCatalog.list())
-    yield
-    _forget_datasets(before)
+#: cleaned jsons under tmp, a wide console, and every dataset a test registers removed after it
+pytestmark = pytest.mark.usefixtures("isolated_cli")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +91,7 @@ def distilled(tmp_path_factory: pytest.TempPathFactory, data: dict[str, Any]) ->
     try:
         assert main([*argv, "-o", str(out), *data["train"], *data["val"], *_SMALL, *_AT_64PX]) == 0
     finally:
-        _forget_datasets(before)
+        forget_datasets(before)
     return out
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 from conftest import write_tiny_coco
-from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from tbd.cli.main import main
 from tbd.engine.run_folder import (
@@ -24,16 +23,7 @@ from tbd.engine.run_folder import (
     run_files,
 )
 
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    monkeypatch.setenv("TBD_DATA_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("COLUMNS", "1000")
-    before = set(DatasetCatalog.list())
-    yield
-    for name in set(DatasetCatalog.list()) - before:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.pop(name, None)
+pytestmark = pytest.mark.usefixtures("isolated_cli")
 
 
 @pytest.fixture(scope="module")

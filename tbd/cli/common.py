@@ -303,9 +303,6 @@ def flat_items(node: CfgNode, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 # --- output directories --------------------------------------------------------------------
-FINISHED_MARKER = "model_final.pth"
-
-
 def plan_output_dir(path: str | Path, resume: bool, overwrite: bool) -> Any:
     """Check ``--output`` with ``--resume``/``--overwrite`` before anything is built or written
     (``tbd.engine.run_folder.plan_output``); returns the plan to apply once every input is checked."""

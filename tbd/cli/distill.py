@@ -207,21 +207,17 @@ def _check_cached_teacher_resume(out: Path, cfg: CfgNode) -> None:
 _NOT_TEACHER_KEYS = ("OUTPUT_DIR", "MODEL.DEVICE")  # where and on what it trains
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def teacher_settings(cfg: CfgNode) -> dict[str, Any]:
     """Every config value that shapes a teacher's training, by dotted key.
 
     The distillation keys (and their defaults) do not train a teacher, nor do the output folder and
     the device (a teacher trained on the GPU serves a CPU run too).
     """
+    from tbd.engine.resume_check import flat
+
     return {
-        key: _plain(value)
-        for key, value in common.flat_items(cfg)
+        key: value
+        for key, value in flat(cfg).items()
         if key not in _NOT_TEACHER_KEYS and not key.startswith("DISTILL.")
     }
 

@@ -35,6 +35,7 @@ IDENTITY_PREFIXES: tuple[str, ...] = ("MODEL.", "DATASETS.", "DISTILL.", "INPUT.
 
 
 def flat(node: CfgNode, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a config by dotted key, sequences as lists (a YAML list equals a tuple)."""
     out: dict[str, Any] = {}
     for key, value in node.items():
         if isinstance(value, CfgNode):

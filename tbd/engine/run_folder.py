@@ -14,7 +14,7 @@ import fnmatch
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -139,12 +139,6 @@ def has_checkpoint(folder: str | Path) -> bool:
     return folder.is_dir() and any(any(folder.glob(p)) for p in CHECKPOINT_PATTERNS)
 
 
-def is_run_folder(folder: str | Path) -> bool:
-    """A folder a tbd run has written to (its record, or a checkpoint of an earlier tbd version)."""
-    folder = Path(folder)
-    return (folder / RUN_RECORD).is_file() or has_checkpoint(folder)
-
-
 def remove_owned(paths: Iterable[Path], inside: str | Path, recursive: bool = False) -> list[Path]:
     """Delete ``paths``, each strictly inside the folder ``inside``: the one deletion of the package.
 
@@ -221,9 +215,6 @@ class OutputPlan:
     overwrite: bool
     has_run: bool = False
     finished: bool = False
-    #: user files tbd would overwrite (a fresh run into a folder that is not a run)
-    collisions: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 def plan_output(folder: str | Path, resume: bool, overwrite: bool) -> OutputPlan:
@@ -245,15 +236,18 @@ def plan_output(folder: str | Path, resume: bool, overwrite: bool) -> OutputPlan
         )
     if resume and not (given / "last_checkpoint").is_file():
         raise RunFolderError(f"--resume: {given} has no checkpoint to resume from (no last_checkpoint file)")
-    if not plan.has_run and not (given / RUN_RECORD).is_file():
-        # not a tbd run: a file at one of tbd's names is the user's and would be overwritten
-        plan.collisions = [p for p in run_files(given) if not p.name.startswith(".") and p.parent == given]
-        plan.collisions += [given / d for d in RUN_DIRS if (given / d).exists()]
-        if plan.collisions:
-            names = ", ".join(p.name for p in plan.collisions)
+    if not plan.has_run and not (given / RUN_RECORD).is_file() and given.is_dir():
+        # not a tbd run: an entry at one of tbd's names is the user's and would be overwritten
+        collisions = sorted(
+            p.name
+            for p in given.iterdir()
+            if not p.name.startswith(".")
+            and (p.name in RUN_DIRS or (p.is_file() and _matches(p.name, RUN_FILE_PATTERNS)))
+        )
+        if collisions:
             raise RunFolderError(
-                f"{given} is not a tbd run but holds {names}, which a run would overwrite; choose "
-                "another --output (an empty or new folder)"
+                f"{given} is not a tbd run but holds {', '.join(collisions)}, which a run would overwrite; "
+                "choose another --output (an empty or new folder)"
             )
     _check_writable(given)
     return plan
