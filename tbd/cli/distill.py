@@ -490,8 +490,8 @@ def alone_row(cfg: CfgNode) -> dict[str, Any] | None:
     }
 
 
-def gain_of(distilled: dict[str, Any], alone: dict[str, Any]) -> dict[str, float]:
-    """Distilled minus alone, per COCO metric both define (undefined ones, ``None``/NaN, left out)."""
+def gain_of(distilled: dict[str, Any], alone: dict[str, Any]) -> dict[str, float | None]:
+    """Distilled minus alone for every COCO box metric; ``None`` (JSON null) where either is undefined."""
     import math
 
     def defined(v: Any) -> bool:
@@ -499,8 +499,9 @@ def gain_of(distilled: dict[str, Any], alone: dict[str, Any]) -> dict[str, float
 
     return {
         k: float(distilled[k]) - float(alone[k])
-        for k in _BBOX_KEYS
         if defined(distilled.get(k)) and defined(alone.get(k))
+        else None
+        for k in _BBOX_KEYS
     }
 
 
@@ -567,7 +568,7 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         table.add_row(
             "gain (distilled − alone)",
             "",
-            *(f"{gain[k]:+.1f}" if k in gain else "-" for k in _BBOX_KEYS),
+            *("-" if gain[k] is None else f"{gain[k]:+.1f}" for k in _BBOX_KEYS),
             "",
             "",
         )
@@ -596,7 +597,7 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         ),
         "gain": (
             {
-                "bbox": gain_of(rows["student"].get("bbox", {}), alone["bbox"]),
+                "bbox": gain,
                 "margin_AP": cfg.DISTILL.BASELINE_MARGIN,
                 "verdict": level,
                 "note": note,
