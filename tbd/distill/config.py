@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
+from .schedule import WEIGHT_SCHEDULES
+
 #: p_c modes (METHODS.md §1.1): how the per-location max logit becomes a probability map
 PC_MODES = ("sigmoid", "softmax_max1", "spatial_softmax")
 #: harmony distillation forms (METHODS.md §1.2)
@@ -98,6 +100,10 @@ def add_tbd_config(cfg: CN) -> None:
     # the distilled student is behind (for the rest of the run).
     d.BASELINE_GUARD = "warn"
     d.BASELINE_GUARD_FACTOR = 0.5
+    # --- the distillation weight over the schedule (tbd/distill/schedule.py, docs/METHODS.md) ----
+    # "constant": the paper's TBD; "lr_steps": every distillation term times SOLVER.GAMMA per
+    # learning-rate step passed; "cosine": times (1 + cos(pi t / MAX_ITER)) / 2
+    d.WEIGHT_SCHEDULE = "constant"
 
 
 def validate_tbd_config(cfg: CN) -> None:
@@ -115,6 +121,7 @@ def validate_tbd_config(cfg: CN) -> None:
         ("TEACHER_AMP", TEACHER_AMP_MODES),
         ("GATE", GATES),
         ("BASELINE_GUARD", BASELINE_GUARDS),
+        ("WEIGHT_SCHEDULE", WEIGHT_SCHEDULES),
     ):
         if d[key] not in choices:
             raise ValueError(f"DISTILL.{key} = {d[key]!r}; expected one of {choices}")

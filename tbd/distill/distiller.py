@@ -32,6 +32,7 @@ from .gate import level_gates, mean_gate
 from .losses import TaskMaps, feature_distance, harmony_distillation_loss, teacher_energy, tfd_loss
 from .peers import METHODS, peer_loss
 from .probes import LevelPrediction, Probe, get_probe_adapter
+from .schedule import WEIGHT_SCHEDULES, weight_multiplier
 from .task_probs import classification_probability, regression_probability
 from .twg import TaskWeightGenerator
 
@@ -104,6 +105,10 @@ class TBDistiller(nn.Module):
         gate: str = "none",
         gate_margin: float = 0.05,
         with_baseline: bool = False,
+        weight_schedule: str = "constant",
+        max_iter: int = 0,
+        lr_steps: Sequence[int] = (),
+        lr_gamma: float = 0.1,
     ) -> None:
         super().__init__()
         if isinstance(student, TBDistiller) or isinstance(teacher, TBDistiller):
@@ -167,6 +172,16 @@ class TBDistiller(nn.Module):
             raise ValueError(f"the gate margin must be non-negative, got {gate_margin}")
         self.gate = gate
         self.gate_margin = float(gate_margin)
+        if weight_schedule not in WEIGHT_SCHEDULES:
+            raise ValueError(
+                f"unknown weight schedule {weight_schedule!r}; expected one of {WEIGHT_SCHEDULES}"
+            )
+        if weight_schedule != "constant" and max_iter <= 0:
+            raise ValueError(f"the weight schedule {weight_schedule!r} needs max_iter > 0 (SOLVER.MAX_ITER)")
+        self.weight_schedule = weight_schedule
+        self.max_iter = int(max_iter)
+        self.lr_steps = tuple(int(s) for s in lr_steps)
+        self.lr_gamma = float(lr_gamma)
         # Reason: a copy of the student made before its probe hook exists, so the copy has none
         self.baseline: nn.Module | None = copy.deepcopy(student) if with_baseline else None
         if with_baseline:
@@ -216,6 +231,10 @@ class TBDistiller(nn.Module):
             "gate": d.GATE,
             "gate_margin": d.GATE_MARGIN,
             "with_baseline": d.WITH_BASELINE,
+            "weight_schedule": d.WEIGHT_SCHEDULE,
+            "max_iter": cfg.SOLVER.MAX_ITER,
+            "lr_steps": list(cfg.SOLVER.STEPS),
+            "lr_gamma": cfg.SOLVER.GAMMA,
         }
 
     @classmethod
@@ -360,6 +379,10 @@ class TBDistiller(nn.Module):
         gt = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
         gt_boxes, _, gt_mask = pad_boxes(gt)
         distill = self.distillation_losses(teacher_levels, student_levels, gt_boxes, gt_mask)
+        if self.weight_schedule != "constant":
+            m = self.schedule_multiplier()
+            distill = {k: v * m for k, v in distill.items()}
+            _put_scalars({"tbd/weight_schedule": m})
         if self.baseline is not None:
             scale = self.distill_scale
             distill = {k: v * scale.to(v.dtype) for k, v in distill.items()}
@@ -370,6 +393,14 @@ class TBDistiller(nn.Module):
             losses.update({BASELINE_PREFIX + k: v for k, v in alone.items()})
         losses.update(distill)
         return losses
+
+    def schedule_multiplier(self) -> float:
+        """``DISTILL.WEIGHT_SCHEDULE``'s multiplier at the trainer's current iteration (1 outside one)."""
+        try:
+            iteration = get_event_storage().iter
+        except AssertionError:  # no EventStorage: not inside a trainer
+            return 1.0
+        return weight_multiplier(self.weight_schedule, iteration, self.max_iter, self.lr_steps, self.lr_gamma)
 
     @torch.no_grad()
     def teacher_levels(self, batched_inputs: list[dict[str, Any]]) -> list[LevelPrediction]:

@@ -1,0 +1,75 @@
+"""``DISTILL.WEIGHT_SCHEDULE``: the distillation terms' multiplier over the run, and its wiring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from tbd.distill import TBDistiller
+from tbd.distill.schedule import weight_multiplier
+from tbd.distill.testing import distill_config, synthetic_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64"]
+SCHEDULE = ["SOLVER.MAX_ITER", "100", "SOLVER.STEPS", "(60, 90)", "SOLVER.GAMMA", "0.2"]
+
+
+def test_multipliers_by_hand() -> None:
+    # lr_steps follows WarmupMultiStepLR: gamma ** (number of steps <= t)
+    assert [weight_multiplier("lr_steps", t, 100, (60, 90), 0.2) for t in (0, 59, 60, 89, 90, 99)] == (
+        pytest.approx([1.0, 1.0, 0.2, 0.2, 0.04, 0.04])
+    )
+    assert weight_multiplier("lr_steps", 70, 100, (90, 60), 0.2) == pytest.approx(0.2)  # unsorted steps
+    # cosine: 1 at the start, 1/2 half-way, 0 at the end
+    assert weight_multiplier("cosine", 0, 100) == 1.0
+    assert weight_multiplier("cosine", 25, 100) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    assert weight_multiplier("cosine", 50, 100) == pytest.approx(0.5)
+    assert weight_multiplier("cosine", 100, 100) == pytest.approx(0.0)
+    assert weight_multiplier("constant", 99, 100, (10,), 0.1) == 1.0
+    with pytest.raises(ValueError, match="WEIGHT_SCHEDULE"):
+        weight_multiplier("linear", 0, 100)
+
+
+def _losses(schedule: str, iteration: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    opts = [*SMALL, *SCHEDULE, "DISTILL.WEIGHT_SCHEDULE", schedule]
+    model = build_model(distill_config("retinanet_R18_FPN", "retinanet_R18_FPN", opts))
+    assert isinstance(model, TBDistiller)
+    model.train()
+    with EventStorage(iteration) as storage:
+        losses = model(synthetic_batch(2, 64, 3))
+        if schedule != "constant":
+            assert storage.history("tbd/weight_schedule").latest() == pytest.approx(
+                weight_multiplier(schedule, iteration, 100, (60, 90), 0.2)
+            )
+    return {k: v.detach() for k, v in losses.items()}
+
+
+@pytest.mark.parametrize(("schedule", "iteration", "factor"), [("lr_steps", 95, 0.04), ("cosine", 50, 0.5)])
+def test_the_schedule_scales_the_distillation_terms_and_nothing_else(
+    schedule: str, iteration: int, factor: float
+) -> None:
+    constant, scheduled = _losses("constant", iteration), _losses(schedule, iteration)
+    assert constant.keys() == scheduled.keys()
+    for key in ("loss_hd", "loss_tfd"):
+        assert float(constant[key]) > 0
+        assert float(scheduled[key]) == pytest.approx(factor * float(constant[key]), rel=1e-5)
+    for key in constant.keys() - {"loss_hd", "loss_tfd"}:  # the student's own losses: untouched
+        assert torch.equal(constant[key], scheduled[key]), key
+
+
+def test_lr_steps_before_the_first_step_is_the_paper() -> None:
+    constant, scheduled = _losses("constant", 10), _losses("lr_steps", 10)
+    for key in constant:
+        assert torch.equal(constant[key], scheduled[key]), key
+
+
+def test_a_bad_schedule_is_refused_naming_the_key() -> None:
+    cfg = distill_config("retinanet_R18_FPN", "retinanet_R18_FPN", ["DISTILL.WEIGHT_SCHEDULE", "linear"])
+    with pytest.raises(ValueError, match="DISTILL.WEIGHT_SCHEDULE"):
+        build_model(cfg)
