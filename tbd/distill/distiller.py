@@ -27,10 +27,11 @@ from tbd.ops.boxes import pad_boxes
 
 from .adapters import FeatureAdapters
 from .baseline import BASELINE_PREFIX, RngSnapshot
-from .config import FEATURE_NORMS, GATES, validate_tbd_config
+from .config import validate_tbd_config
 from .gate import level_gates, mean_gate
+from .keys import FEATURE_NORMS, GATES, METHODS
 from .losses import TaskMaps, feature_distance, harmony_distillation_loss, teacher_energy, tfd_loss
-from .peers import METHODS, peer_loss
+from .peers import peer_loss
 from .probes import LevelPrediction, Probe, get_probe_adapter
 from .task_probs import classification_probability, regression_probability
 from .twg import TaskWeightGenerator
