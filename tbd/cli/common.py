@@ -10,18 +10,10 @@ from typing import Any, Callable
 
 import torch
 from detectron2.config import CfgNode
-from rich.console import Console
 
-#: output to a file or pipe (a log, CI) would be wrapped at rich's 80 columns, which folds the final
-#: tables; 120 unless COLUMNS says otherwise
-REDIRECTED_WIDTH = 120
-console = Console()
-if not console.is_terminal and "COLUMNS" not in os.environ:
-    console.width = REDIRECTED_WIDTH
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for; printed without a traceback."""
+# the console and UsageError live in tbd.ui (the library prints and raises with them too);
+# imported here under their old names
+from tbd.ui import REDIRECTED_WIDTH, UsageError, console  # noqa: F401
 
 
 # --- arguments ----------------------------------------------------------------------------
