@@ -63,17 +63,19 @@ class PointDetector(DenseDetector):
 
     A subclass names its config node (``section``: ``MODEL.<section>``) and head class; the head
     gets the levels' channels and strides, the node's ``NUM_CLASSES``, ``NORM`` and ``PRIOR_PROB``
-    and :meth:`head_options`.
+    and its own :attr:`head_args`.
     """
 
     section: str
     head_cls: type[nn.Module]
+    #: the head's own keyword arguments, each the value of the node's key of that name in capitals
+    head_args: tuple[str, ...] = ()
     decode = staticmethod(PointGrid.decode)
 
     @classmethod
     def head_options(cls, node: CN) -> dict[str, Any]:
-        """The head's own keyword arguments from its config node."""
-        return {}
+        """The head's own keyword arguments from its config node (:attr:`head_args`)."""
+        return {arg: node[arg.upper()] for arg in cls.head_args}
 
     @classmethod
     def from_config(cls, cfg: CN) -> dict[str, Any]:

@@ -21,7 +21,7 @@ Probe surface (what distillation probes may rely on):
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode as CN
@@ -89,17 +89,13 @@ def loss_config_from(cfg: CN) -> DWLossConfig:
 
 @META_ARCH_REGISTRY.register()
 class DWDetector(PointDetector):
-    """FCOS-style detector (one point per location) with the DW loss; see the module docstring."""
+    """FCOS-style detector (one point per location) with the DW loss; see the module docstring.
 
-    section, head_cls = "DW", DWHead
+    Parts, points and inference (scores ``sigmoid(cls) * sigmoid(centerness)``) as every
+    :class:`~tbd.modeling.dense.PointDetector`; training with :class:`~tbd.modeling.dw.loss.DWLoss`.
+    """
 
-    @classmethod
-    def head_options(cls, d: CN) -> dict[str, Any]:
-        return {
-            "num_convs": d.NUM_CONVS,
-            "reg_bias_init": d.REG_BIAS_INIT,
-            "box_refinement": d.BOX_REFINEMENT,
-        }
+    section, head_cls, head_args = "DW", DWHead, ("num_convs", "reg_bias_init", "box_refinement")
 
     def __init__(self, cfg: CN) -> None:
         super().__init__(**self.from_config(cfg))

@@ -15,7 +15,7 @@ distances in pixels (the expectation of each side's distribution x stride), ``re
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,11 +110,7 @@ class ETHead(nn.Module):
 class ETHeadDetector(TALDetector):
     """Anchor-free detector with the ET-head: TAL + Varifocal + DFL + GIoU."""
 
-    section, head_cls = "ETHEAD", ETHead
-
-    @classmethod
-    def head_options(cls, ec: CN) -> dict[str, Any]:
-        return {"feat_channels": ec.FEAT_CHANNELS, "stacked_convs": ec.STACKED_CONVS, "reg_max": ec.REG_MAX}
+    section, head_cls, head_args = "ETHEAD", ETHead, ("feat_channels", "stacked_convs", "reg_max")
 
     def __init__(self, cfg: CN) -> None:
         super().__init__(**self.from_config(cfg))

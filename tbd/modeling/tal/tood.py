@@ -18,7 +18,7 @@ Probe surface (what distillation hooks can read)
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,16 +156,8 @@ class THead(nn.Module):
 class TOOD(TALDetector):
     """TOOD detector: T-Head trained with TAL (quality focal loss + t_hat-weighted GIoU)."""
 
-    section, head_cls = "TOOD", THead
+    section, head_cls, head_args = "TOOD", THead, ("feat_channels", "stacked_convs", "la_down_rate")
     score_field = "aligned_logits"  # sigmoid = sqrt(sigmoid(P) * sigmoid(M))
-
-    @classmethod
-    def head_options(cls, tc: CN) -> dict[str, Any]:
-        return {
-            "feat_channels": tc.FEAT_CHANNELS,
-            "stacked_convs": tc.STACKED_CONVS,
-            "la_down_rate": tc.LA_DOWN_RATE,
-        }
 
     def __init__(self, cfg: CN) -> None:
         super().__init__(**self.from_config(cfg))
