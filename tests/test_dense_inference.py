@@ -10,14 +10,19 @@ import torch
 from tbd.modeling.dense import PointDetector, PointGrid
 
 
-def test_threshold_topk_per_level_and_nms_across_levels() -> None:
-    model = SimpleNamespace(
-        test_score_thresh=0.3,
-        test_topk_candidates=2,
+def _settings(score_thresh: float, topk: int, max_detections: int) -> SimpleNamespace:
+    """What ``inference_single_image`` reads of a detector (NMS at IoU 0.5)."""
+    return SimpleNamespace(
+        test_score_thresh=score_thresh,
+        test_topk_candidates=topk,
         test_nms_thresh=0.5,
-        max_detections_per_image=3,
+        max_detections_per_image=max_detections,
         decode=PointGrid.decode,
     )
+
+
+def test_threshold_topk_per_level_and_nms_across_levels() -> None:
+    model = _settings(score_thresh=0.3, topk=2, max_detections=3)
     # level 0: three points, three classes. Above 0.3: (p0, c0) 0.9, (p1, c2) 0.8, (p2, c1) 0.5,
     # (p2, c0) 0.35; the top 2 are kept: 0.9 and 0.8
     scores0 = torch.tensor([[0.9, 0.1, 0.1], [0.2, 0.1, 0.8], [0.35, 0.5, 0.1]])
@@ -38,13 +43,7 @@ def test_threshold_topk_per_level_and_nms_across_levels() -> None:
 
 
 def test_no_score_above_the_threshold_gives_no_detection() -> None:
-    model = SimpleNamespace(
-        test_score_thresh=0.95,
-        test_topk_candidates=10,
-        test_nms_thresh=0.5,
-        max_detections_per_image=5,
-        decode=PointGrid.decode,
-    )
+    model = _settings(score_thresh=0.95, topk=10, max_detections=5)
     inst = PointDetector.inference_single_image(
         model, [torch.rand(4, 3) * 0.9], [torch.ones(4, 4)], [torch.zeros(4, 2)], (8, 8)
     )
