@@ -5,11 +5,15 @@
         --train-json train.json --train-images train/ --val-json val.json --val-images val/ \
         SOLVER.MAX_ITER 90000 OUTPUT_DIR output/tbd
 
+--teacher NAME takes a teacher of tbd's registry (`tbd teachers`) instead of --teacher-config and
+--teacher-weights: its weights, or on the embedded data a teacher trained here once and cached.
 Without --train-json it trains on tbd's embedded dataset with tbd's 128 px configs (a demo).
-At the end OUTPUT_DIR holds model_student.pth + model_student.yaml for plain Detectron2.
+At the end OUTPUT_DIR holds model_student.pth + model_student.yaml for plain Detectron2, and
+summary.json: the teacher's and the student's AP and harmonious ratios.
 """
 
 import os
+from pathlib import Path
 
 import tbd  # noqa: F401  (TBD: first; on Detectron2 0.6 with a recent torch it applies tbd.compat)
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
@@ -19,6 +23,8 @@ from tbd.config import CONFIG_DIR, get_cfg
 from tbd.data import num_classes, register_shapes, register_user_coco
 from tbd.distill import TBDistiller, export_student
 from tbd.engine.optim import build_optimizer
+from tbd.summaries import summarize_run, summary_options
+from tbd.teachers import resolve_teacher
 
 
 class DistillTrainer(DefaultTrainer):
@@ -45,7 +51,7 @@ def register_datasets(args):
     return register_shapes()  # tbd's embedded dataset, generated on first use
 
 
-def setup(args):
+def build_cfg(args):
     if args.train_json and not args.config_file:
         raise SystemExit("with your own data, pass your student's config: --config-file student.yaml")
     train, val = register_datasets(args)
@@ -62,12 +68,12 @@ def setup(args):
     # yardstick of the gain); evaluate it with tbd.distill.baseline.insert_baseline_hook in build_hooks
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
     return cfg
 
 
 def main(args):
-    cfg = setup(args)
+    cfg = build_cfg(args)
+    default_setup(cfg, args)
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
@@ -77,15 +83,26 @@ def main(args):
 
 if __name__ == "__main__":
     parser = default_argument_parser()
+    parser.add_argument("--teacher", help="TBD: a teacher of tbd's registry, e.g. r50 (see `tbd teachers`)")
     parser.add_argument(
         "--teacher-config",
         default=str(CONFIG_DIR / "fcos_R50_FPN.yaml"),
         help="the teacher's config (default: the r50 teacher that `tbd distill --teacher r50` trains and caches)",
     )
-    parser.add_argument("--teacher-weights", required=True, help="the trained teacher's checkpoint")
+    parser.add_argument("--teacher-weights", help="the trained teacher's checkpoint (or --teacher)")
     parser.add_argument("--train-json", help="COCO-format training annotations (default: embedded data)")
     parser.add_argument("--train-images", help="image directory of --train-json")
     parser.add_argument("--val-json", help="COCO-format validation annotations")
     parser.add_argument("--val-images", help="image directory of --val-json")
     args = parser.parse_args()
+    if args.teacher:  # TBD: its config and weights, trained here first (once, then cached) if need be
+        args.teacher_config = None
+        args.teacher_config, args.teacher_weights = resolve_teacher(args, *register_datasets(args))
+    elif not args.teacher_weights:
+        parser.error("pass --teacher-weights (with --teacher-config), or --teacher NAME")
     launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(args,))
+    # TBD: the teacher's and the student's AP and harmonious ratios, into OUTPUT_DIR/summary.json
+    cfg = build_cfg(args)
+    student = Path(args.config_file or "retinanet_R18_FPN").stem
+    teacher = {"teacher": args.teacher} if args.teacher else {"teacher_config": args.teacher_config}
+    summarize_run(cfg, summary_options(student, cfg.MODEL.META_ARCHITECTURE, **teacher))

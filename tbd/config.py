@@ -1,56 +1,25 @@
-"""The project's Detectron2 config: Detectron2's defaults plus every ``add_*_config`` of tbd."""
+"""The project's Detectron2 config: Detectron2's defaults plus every ``add_*_config`` of tbd.
+
+The keys and the YAML reading are in :mod:`tbd.config_keys` (importable by the distiller); this
+module adds the registration of ``TBDistiller`` on top, so a config from here builds any tbd model.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 from detectron2.config import CfgNode as CN
-from detectron2.config import get_cfg as d2_get_cfg
 
-import tbd  # noqa: F401  (applies the compatibility shims first)
-
-#: repository root (configs/ and teachers/ live beside the package)
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = PROJECT_ROOT / "configs"
-
-
-def add_project_config(cfg: CN) -> None:
-    """``TBD.*``: the embedded dataset's cache and size, and training-engine guards."""
-    cfg.TBD = CN()
-    cfg.TBD.DATA_DIR = ""  # empty: $TBD_DATA_DIR or ~/.cache/tbd
-    cfg.TBD.NUM_TRAIN_IMAGES = 2000
-    cfg.TBD.NUM_VAL_IMAGES = 200
-    cfg.TBD.IMAGE_SIZE = 128
-    # consecutive steps with a non-finite loss/gradient that are skipped before training stops
-    cfg.TBD.MAX_NONFINITE_STEPS = 5
-    # iterations between two progress lines (or live-bar refreshes)
-    cfg.TBD.PROGRESS_PERIOD = 20
-    # a partial fill of the backbone by MODEL.WEIGHTS (tbd.engine.weights) is an error unless True
-    cfg.TBD.ALLOW_PARTIAL_WEIGHTS = False
-    # distil even when the teacher would see inputs far from its training size (tbd.distill.input_check)
-    cfg.TBD.ALLOW_TEACHER_INPUT_MISMATCH = False
-    # the student profile the config was made with (tbd.profiles: embedded, coco, custom; "" = none)
-    cfg.TBD.PROFILE = ""
-    # how the input size was chosen (e.g. "median shorter side of the training images 400 px")
-    cfg.TBD.INPUT_SIZE_RULE = ""
-    # Detectron2 0.6 has no optimizer key: "SGD" (its only optimizer) or "ADAMW" (tbd.engine.optim)
-    cfg.SOLVER.OPTIMIZER = "SGD"
-
-
-def _extensions() -> list[Callable[[CN], None]]:
-    """Every ``add_*_config`` of the project, in a fixed order: tbd's own keys (``TBD.*``), its
-    models' (:data:`tbd.modeling.MODEL_CONFIGS`), then distillation's (``DISTILL.*``)."""
-    from tbd.distill.config import add_tbd_config
-    from tbd.modeling import MODEL_CONFIGS
-
-    return [add_project_config, *MODEL_CONFIGS, add_tbd_config]
-
-
-def add_all_config(cfg: CN) -> CN:
-    for add in _extensions():
-        add(cfg)
-    return cfg
+from tbd.config_keys import (  # noqa: F401  (the public names of tbd.config)
+    CONFIG_DIR,
+    PROJECT_ROOT,
+    add_all_config,
+    add_project_config,
+    load_model_config,
+    model_cfg,
+    register_models,
+    resolve_config_path,
+)
 
 
 def register_all() -> None:
@@ -59,34 +28,16 @@ def register_all() -> None:
     Needed in any process that builds a model from a config, e.g. each ``launch`` worker.
     """
     import tbd.distill  # noqa: F401
-    import tbd.modeling  # noqa: F401
+
+    register_models()
 
 
 def get_cfg() -> CN:
     """Detectron2's default config with all tbd keys added (and every tbd model registered)."""
     register_all()
-    return add_all_config(d2_get_cfg())
-
-
-def resolve_config_path(path: str | Path) -> Path:
-    """A config path as given, or relative to the project's ``configs/`` directory."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    candidate = CONFIG_DIR / p
-    if candidate.is_file():
-        return candidate
-    if not p.suffix and (CONFIG_DIR / f"{p}.yaml").is_file():
-        return CONFIG_DIR / f"{p}.yaml"
-    raise FileNotFoundError(
-        f"config file {str(path)!r} not found (looked at it as given and under {CONFIG_DIR}); "
-        "pass a path to a Detectron2 YAML config"
-    )
+    return model_cfg()
 
 
 def load_config(path: str | Path, opts: list[str] | None = None) -> CN:
-    cfg = get_cfg()
-    cfg.merge_from_file(str(resolve_config_path(path)))
-    if opts:
-        cfg.merge_from_list(opts)
-    return cfg
+    register_all()
+    return load_model_config(path, opts)

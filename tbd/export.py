@@ -118,7 +118,7 @@ def load_student_state(checkpoint: str | Path) -> dict[str, Any]:
 
 def export_student(run_cfg: CfgNode, checkpoint: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``model_student.pth`` and ``config_student.yaml`` (:func:`student_config_yaml`) into ``out_dir``."""
-    from tbd.engine.checkpoint import atomic_torch_save, atomic_write_text
+    from tbd.engine.atomic import atomic_torch_save, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

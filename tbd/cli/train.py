@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from detectron2.utils.env import seed_all_rng
 from tbd.cli import common
 from tbd.cli.common import UsageError, console
 from tbd.cli.rundata import record_data
+from tbd.summaries import read_final_results as _read_final_results
 
 
 def add_parser(sub: Any) -> None:
@@ -159,16 +159,3 @@ def run(args: argparse.Namespace) -> int:
     print_results(results, f"{args.model} on {test}")
     atomic_write_text(out / "results.json", jsonio.dumps(jsonio.strict_results(results), indent=2))
     return 0
-
-
-def _read_final_results(out: Path) -> dict[str, Any]:
-    """Final evaluation as the main process wrote it to metrics.json (multi-process runs)."""
-    metrics = out / "metrics.json"
-    if not metrics.exists():
-        return {}
-    last: dict[str, Any] = {}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
-        if any(k.startswith("bbox/") for k in row):
-            last = row
-    return {"bbox": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("bbox/")}}

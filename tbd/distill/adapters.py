@@ -6,7 +6,7 @@ from typing import Mapping
 
 from torch import Tensor, nn
 
-from .config import ADAPTERS
+from .keys import ADAPTERS
 
 
 class FeatureAdapters(nn.Module):

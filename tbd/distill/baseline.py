@@ -180,7 +180,7 @@ class BaselineHook(HookBase):
         if self.trainer.start_iter > 0:  # resumed: the teacher was logged by the first run
             self._maybe_recheck_after_resume(distiller)
             return
-        from tbd.distill.distiller import teacher_config
+        from tbd.config_keys import teacher_config
 
         t_cfg = teacher_config(self.cfg)
         t_cfg.defrost()
@@ -245,10 +245,8 @@ class BaselineHook(HookBase):
 
 
 def _console_warning(message: str) -> None:
-    try:
-        from tbd.cli.common import console
-    except ImportError:  # pragma: no cover - the CLI is part of the package
-        return
+    from tbd.ui import console
+
     console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
 

@@ -7,24 +7,20 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
+# the choices live in .keys (below the losses and peers, which name them too); imported here
+# under their old names, tbd.distill.config.PC_MODES etc.
+from .keys import (  # noqa: F401
+    ADAPTERS,
+    BASELINE_GUARDS,
+    FEATURE_NORMS,
+    GATES,
+    HD_MODES,
+    METHODS,
+    PC_MODES,
+    TEACHER_AMP_MODES,
+    TFD_MODES,
+)
 from .schedule import WEIGHT_SCHEDULES
-
-#: p_c modes (METHODS.md §1.1): how the per-location max logit becomes a probability map
-PC_MODES = ("sigmoid", "softmax_max1", "spatial_softmax")
-#: harmony distillation forms (METHODS.md §1.2)
-HD_MODES = ("iou_guided", "plain")
-#: task-decoupled feature distillation weighting (METHODS.md §1.3)
-TFD_MODES = ("twg", "fixed")
-#: how a feature distance is scaled (METHODS.md §1.3, docs/CONFIG.md)
-FEATURE_NORMS = ("teacher_energy", "none")
-#: student-feature adaptation layer phi
-ADAPTERS = ("conv1x1", "identity")
-#: teacher precision
-TEACHER_AMP_MODES = ("", "bf16", "fp16")
-#: student-aware gates of the distillation terms (METHODS.md §1.7); "none" is the paper's TBD
-GATES = ("none", "harmony", "iou")
-#: what happens when the distilled student falls behind the student trained alone (§1.8)
-BASELINE_GUARDS = ("warn", "scale")
 
 
 def add_tbd_config(cfg: CN) -> None:
@@ -109,8 +105,6 @@ def add_tbd_config(cfg: CN) -> None:
 def validate_tbd_config(cfg: CN) -> None:
     """Raise ``ValueError`` naming the key when a ``DISTILL`` value is not one of its choices."""
     d = cfg.DISTILL
-    from .peers import METHODS
-
     for key, choices in (
         ("METHOD", METHODS),
         ("PC_MODE", PC_MODES),

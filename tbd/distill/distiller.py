@@ -23,14 +23,16 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from tbd.config_keys import teacher_config  # noqa: F401  (also tbd.distill.distiller.teacher_config)
 from tbd.ops.boxes import pad_boxes
 
 from .adapters import FeatureAdapters
 from .baseline import BASELINE_PREFIX, RngSnapshot
-from .config import FEATURE_NORMS, GATES, validate_tbd_config
+from .config import validate_tbd_config
 from .gate import level_gates, mean_gate
+from .keys import FEATURE_NORMS, GATES, METHODS
 from .losses import TaskMaps, feature_distance, harmony_distillation_loss, teacher_energy, tfd_loss
-from .peers import METHODS, peer_loss
+from .peers import peer_loss
 from .probes import LevelPrediction, Probe, get_probe_adapter
 from .schedule import WEIGHT_SCHEDULES, weight_multiplier
 from .task_probs import classification_probability, regression_probability
@@ -556,17 +558,6 @@ def build_student(cfg: CfgNode) -> nn.Module:
     student_cfg.MODEL.META_ARCHITECTURE = name
     model = META_ARCH_REGISTRY.get(name)(student_cfg)
     return model.to(torch.device(cfg.MODEL.DEVICE))
-
-
-def teacher_config(cfg: CfgNode) -> CfgNode:
-    """The teacher's config: ``DISTILL.TEACHER_CONFIG`` + ``DISTILL.TEACHER_OPTS``, on the student's device."""
-    from tbd.config import load_config
-
-    if not cfg.DISTILL.TEACHER_CONFIG:
-        raise ValueError("DISTILL.TEACHER_CONFIG is empty: name the teacher's YAML config")
-    t_cfg = load_config(cfg.DISTILL.TEACHER_CONFIG, list(cfg.DISTILL.TEACHER_OPTS))
-    t_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    return t_cfg
 
 
 def load_teacher_weights(teacher: nn.Module, weights: str) -> None:

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .config import GATES
+from .keys import GATES
 from .losses import TaskMaps
 
 

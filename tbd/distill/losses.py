@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .config import FEATURE_NORMS, HD_MODES
+from .keys import FEATURE_NORMS, HD_MODES
 from .task_probs import harmony_score
 
 #: floor of the teacher energy a distance is divided by (an all-zero teacher map)

@@ -21,11 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .keys import METHODS, PEER_METHODS  # noqa: F401  (METHODS: also tbd.distill.peers.METHODS)
 from .losses import weighted_spatial_mean
-
-#: DISTILL.METHOD choices: TBD itself and the peer baselines
-METHODS = ("tbd", "mimic_mse", "cls_mask_mimic")
-PEER_METHODS = METHODS[1:]
 
 
 def _apply_gates(distances: Sequence[Tensor], gates: Sequence[Tensor] | None) -> Sequence[Tensor]:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from tbd.ops.boxes import aligned_iou, best_iou_match
 
-from .config import PC_MODES
+from .keys import PC_MODES
 
 
 def max_logit(logits: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ RESUMABLE_KEYS: frozenset[str] = frozenset(
     }
 )
 
-#: follow ``SOLVER.MAX_ITER`` when ``--iters`` extends the schedule (tbd.cli.common.set_iterations)
+#: follow ``SOLVER.MAX_ITER`` when ``--iters`` extends the schedule (tbd.run_config.set_iterations)
 SCHEDULE_KEYS: frozenset[str] = frozenset(
     {"SOLVER.STEPS", "SOLVER.WARMUP_ITERS", "SOLVER.CHECKPOINT_PERIOD", "MODEL.TAL.WARMUP_ITERS"}
 )

@@ -27,9 +27,10 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from tbd.modeling.aux_heads.base import AuxHead, AuxOutput, AuxPositives
+from tbd.modeling.dense import PointGrid
 from tbd.modeling.tal.assigner import reduced_normalizer, scatter_class_targets
 from tbd.modeling.tal.atss import ATSSAssigner
-from tbd.ops.boxes import feature_points, giou_loss, ltrb_decode, ltrb_encode, pad_boxes
+from tbd.ops.boxes import giou_loss, ltrb_encode, pad_boxes
 from tbd.ops.losses import quality_focal_loss, sigmoid_focal_loss
 
 _MAX_LOG_SCALE = 8.0  # exp() input cap of the box branch (in half prior sides)
@@ -68,7 +69,9 @@ def _tower(in_channels: int, num_convs: int, norm: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class ATSSAuxHead(AuxHead):
+class ATSSAuxHead(PointGrid, AuxHead):
+    """ATSS-assigned auxiliary head; :meth:`points` and :meth:`decode` from :class:`PointGrid`."""
+
     name = "atss"
 
     def __init__(
@@ -139,15 +142,6 @@ class ATSSAuxHead(AuxHead):
         """Per level: class logits ``(B, K, H, W)`` and ltrb distances ``(B, 4, H, W)`` in pixels."""
         out = self.forward_levels(features)
         return out.cls_logits, out.box_ltrb
-
-    def points(self, features: Sequence[Tensor]) -> list[Tensor]:
-        """Location centres ``(H*W, 2)`` per level, row-major as ``x.flatten(2)``."""
-        return feature_points(features, self.strides)
-
-    @staticmethod
-    def decode(points: Tensor, ltrb: Tensor) -> Tensor:
-        """Boxes ``(x1, y1, x2, y2)`` from points ``[..., 2]`` and ltrb distances ``[..., 4]``."""
-        return ltrb_decode(points, ltrb)
 
     def boxes_per_location(self, features: Sequence[Tensor], box_ltrb: Sequence[Tensor]) -> list[Tensor]:
         """Decoded boxes ``(B, H*W, 4)`` per level, for the ltrb maps :meth:`predict` returned."""

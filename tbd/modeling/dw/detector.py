@@ -25,17 +25,15 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode as CN
-from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
-from tbd.modeling.backbones.levels import build_backbone_levels
+from tbd.modeling.dense import PointDetector
 from tbd.modeling.dw.head import DWHead
 from tbd.modeling.dw.loss import DWLoss, DWLossConfig
-from tbd.ops.boxes import grid_points, ltrb_decode, pad_boxes
+from tbd.ops.boxes import grid_points, pad_boxes
 
 
 def add_dw_config(cfg: CN) -> None:
@@ -90,50 +88,24 @@ def loss_config_from(cfg: CN) -> DWLossConfig:
 
 
 @META_ARCH_REGISTRY.register()
-class DWDetector(DenseDetector):
-    """FCOS-style detector (one point per location) with the DW loss; see the module docstring."""
+class DWDetector(PointDetector):
+    """FCOS-style detector (one point per location) with the DW loss; see the module docstring.
+
+    Parts, points and inference (scores ``sigmoid(cls) * sigmoid(centerness)``) as every
+    :class:`~tbd.modeling.dense.PointDetector`; training with :class:`~tbd.modeling.dw.loss.DWLoss`.
+    """
+
+    section, head_cls, head_args = "DW", DWHead, ("num_convs", "reg_bias_init", "box_refinement")
 
     def __init__(self, cfg: CN) -> None:
-        d = cfg.MODEL.DW
-        levels = build_backbone_levels(cfg, d.IN_FEATURES, "DW")
-        head = DWHead(
-            in_channels=levels.channels,
-            num_classes=d.NUM_CLASSES,
-            strides=levels.strides,
-            num_convs=d.NUM_CONVS,
-            norm=d.NORM,
-            prior_prob=d.PRIOR_PROB,
-            reg_bias_init=d.REG_BIAS_INIT,
-            box_refinement=d.BOX_REFINEMENT,
-        )
-        super().__init__(
-            levels.backbone,
-            head,
-            levels.in_features,
-            pixel_mean=cfg.MODEL.PIXEL_MEAN,
-            pixel_std=cfg.MODEL.PIXEL_STD,
-        )
-        self.num_classes = d.NUM_CLASSES
+        super().__init__(**self.from_config(cfg))
         self.input_format = cfg.INPUT.FORMAT
         self.criterion = DWLoss(loss_config_from(cfg))
-        self.test_score_thresh = d.SCORE_THRESH_TEST
-        self.test_topk_candidates = d.TOPK_CANDIDATES_TEST
-        self.test_nms_thresh = d.NMS_THRESH_TEST
-        self.max_detections_per_image = cfg.TEST.DETECTIONS_PER_IMAGE
 
     # ---- probe surface -------------------------------------------------------------------
-    @property
-    def strides(self) -> List[int]:
-        return list(self.head.strides)
-
     def points(self, sizes: Sequence[Tuple[int, int]]) -> List[Tensor]:
         """Location centres ``[H*W, 2]`` of each level, for maps of the given ``(H, W)``."""
         return grid_points(sizes, self.strides, device=self.device)
-
-    @staticmethod
-    def decode(points: Tensor, reg: Tensor) -> Tensor:
-        """Boxes from points ``[..., P, 2]`` and ltrb distances ``[..., P, 4]`` (pixels)."""
-        return ltrb_decode(points, reg)
 
     # ---- training ------------------------------------------------------------------------
     def _flatten(self, predictions: List[List[Tensor]]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -181,34 +153,12 @@ class DWDetector(DenseDetector):
     ) -> List[Instances]:
         logits, ltrb, ctr = self._transpose_dense_predictions(predictions, [self.num_classes, 4, 1])
         level_points = self.points([tuple(f.shape[-2:]) for f in features])
-        results = []
-        for i, image_size in enumerate(images.image_sizes):
-            per_level = [
-                self._decode_level(pts, lg[i], bx[i], ct[i])
-                for pts, lg, bx, ct in zip(level_points, logits, ltrb, ctr)
-            ]
-            boxes = torch.cat([x[0] for x in per_level])
-            scores = torch.cat([x[1] for x in per_level])
-            classes = torch.cat([x[2] for x in per_level])
-            keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)[: self.max_detections_per_image]
-            results.append(
-                Instances(
-                    image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep], pred_classes=classes[keep]
-                )
+        return [
+            self.inference_single_image(
+                [lg[i].sigmoid() * ct[i].sigmoid() for lg, ct in zip(logits, ctr)],  # [HW, C] per level
+                [bx[i] for bx in ltrb],
+                level_points,
+                image_size,
             )
-        return results
-
-    def _decode_level(
-        self, points: Tensor, logits: Tensor, ltrb: Tensor, ctr: Tensor
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Score threshold, top-k and decoding of one level of one image."""
-        scores = (logits.sigmoid() * ctr.sigmoid()).flatten()  # [HW * C]
-        keep = torch.nonzero(scores > self.test_score_thresh).squeeze(1)
-        scores = scores[keep]
-        if scores.numel() > self.test_topk_candidates:
-            scores, top = scores.topk(self.test_topk_candidates)
-            keep = keep[top]
-        point_idx = keep // self.num_classes
-        classes = keep % self.num_classes
-        boxes = self.decode(points[point_idx], ltrb[point_idx].to(points.dtype))
-        return boxes, scores, classes
+            for i, image_size in enumerate(images.image_sizes)
+        ]

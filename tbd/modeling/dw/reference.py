@@ -24,18 +24,12 @@ from tbd.modeling.dw.weights import (
 from tbd.ops.boxes import aligned_iou, giou_loss, ltrb_decode, points_in_boxes
 
 
-def dense_dw_loss(
-    cfg: DWLossConfig,
-    logits: Tensor,
-    ltrb: Tensor,
-    ctr_logits: Tensor,
-    points: Tensor,
-    point_strides: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    gt_mask: Tensor,
-) -> Dict[str, Tensor]:
-    """Same contract and result as ``DWLoss(cfg)(...)`` (one process: no DDP averaging)."""
+def dense_dw_loss(cfg: DWLossConfig, *inputs: Tensor) -> Dict[str, Tensor]:
+    """Same contract and result as ``DWLoss(cfg)(*inputs)`` (one process: no DDP averaging).
+
+    ``inputs``: its ``logits, ltrb, ctr_logits, points, point_strides, gt_boxes, gt_labels, gt_mask``.
+    """
+    logits, ltrb, ctr_logits, points, point_strides, gt_boxes, gt_labels, gt_mask = inputs
     c = cfg
     b, p, _ = logits.shape
     g = gt_boxes.shape[1]

@@ -1,8 +1,9 @@
 """Shared meta-architecture of the TAL-trained, anchor-free heads (TOOD T-Head and ET-head).
 
 One point per location at the centre of each cell, boxes as ``ltrb`` distances in pixels decoded
-by :meth:`TALDetector.decode`, inference with Detectron2's usual post-processing (score threshold,
-top-k per level, batched NMS, ``TEST.DETECTIONS_PER_IMAGE``, ``detector_postprocess``).
+by :meth:`TALDetector.decode` (:class:`tbd.modeling.dense.PointGrid`), inference with Detectron2's
+usual post-processing (:class:`tbd.modeling.dense.PointDetector`: score threshold, top-k per level,
+batched NMS, ``TEST.DETECTIONS_PER_IMAGE``, ``detector_postprocess``).
 Subclasses build the head and turn its outputs into ``(cls logits, ltrb)`` and losses.
 """
 
@@ -12,15 +13,15 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from detectron2.config import CfgNode as CN
-from detectron2.layers import batched_nms
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from tbd.modeling.dense import PointDetector, PointGrid
 from tbd.modeling.tal.assigner import TALAssignment, TaskAlignedAssigner
 from tbd.modeling.tal.atss import ATSSAssigner
-from tbd.ops.boxes import feature_points, ltrb_decode, pad_boxes
+from tbd.ops.boxes import pad_boxes
 
 
 class FlatPredictions(NamedTuple):
@@ -31,17 +32,30 @@ class FlatPredictions(NamedTuple):
     level_sizes: list[int]
 
 
+class TALStep(NamedTuple):
+    """The arguments of :meth:`TALDetector.losses`, as :meth:`TALDetector.step_losses` takes them."""
+
+    flat: FlatPredictions
+    predictions: Any  # the head's output
+    points: Tensor  # [A, 2] over all levels
+    pred_boxes: Tensor  # [B, A, 4] decoded, with gradient
+    assignment: TALAssignment
+
+
 def flatten_levels(per_level: Sequence[Tensor], dim: int) -> Tensor:
     """``[N, K, H, W]`` per level -> ``[N, sum(H*W), K]`` (row-major, as ``grid_points``)."""
     return torch.cat([permute_to_N_HWA_K(x, dim) for x in per_level], dim=1)
 
 
-class TALDetector(DenseDetector):
-    """Base class: points, TAL (or ATSS warm-up) assignment, inference."""
+class TALDetector(PointGrid, PointDetector):
+    """Base class: points, TAL (or ATSS warm-up) assignment, inference (:class:`PointDetector`)."""
 
-    @staticmethod
-    def config_kwargs(cfg: CN, head_cfg: CN) -> dict[str, Any]:
-        """The keyword arguments every TAL head takes from ``MODEL.TAL`` and its own node."""
+    #: the field of the head's output whose sigmoid is the score (assignment and detections)
+    score_field = "cls_logits"
+
+    @classmethod
+    def from_config(cls, cfg: CN) -> dict[str, Any]:
+        """:meth:`PointDetector.from_config` and the assigners of ``MODEL.TAL``."""
         tal = cfg.MODEL.TAL
         warmup = (
             ATSSAssigner(tal.ATSS_TOPK, tal.ATSS_ANCHOR_SCALE, tal.MAX_CHUNK_ELEMENTS)
@@ -49,16 +63,10 @@ class TALDetector(DenseDetector):
             else None
         )
         return {
-            "num_classes": head_cfg.NUM_CLASSES,
+            **super().from_config(cfg),
             "assigner": TaskAlignedAssigner(tal.TOPK, tal.ALPHA, tal.BETA, tal.MAX_CHUNK_ELEMENTS),
             "warmup_assigner": warmup,
             "warmup_iters": tal.WARMUP_ITERS,
-            "test_score_thresh": head_cfg.SCORE_THRESH_TEST,
-            "test_topk_candidates": head_cfg.TOPK_CANDIDATES_TEST,
-            "test_nms_thresh": head_cfg.NMS_THRESH_TEST,
-            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
         }
 
     def __init__(
@@ -67,41 +75,23 @@ class TALDetector(DenseDetector):
         head: nn.Module,
         head_in_features: list[str],
         *,
-        num_classes: int,
         assigner: TaskAlignedAssigner,
         warmup_assigner: ATSSAssigner | None,
         warmup_iters: int,
-        test_score_thresh: float,
-        test_topk_candidates: int,
-        test_nms_thresh: float,
-        max_detections_per_image: int,
-        pixel_mean: Sequence[float],
-        pixel_std: Sequence[float],
+        **inference: Any,
     ) -> None:
-        super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
-        shapes = backbone.output_shape()
-        self.strides: list[int] = [int(shapes[f].stride) for f in head_in_features]
-        self.num_classes = num_classes
+        super().__init__(backbone, head, head_in_features, **inference)
         self.assigner = assigner
         self.warmup_assigner = warmup_assigner
         self.warmup_iters = warmup_iters
-        self.test_score_thresh = test_score_thresh
-        self.test_topk_candidates = test_topk_candidates
-        self.test_nms_thresh = test_nms_thresh
-        self.max_detections_per_image = max_detections_per_image
-
-    # ---- probe surface -------------------------------------------------------------------------
-    def points(self, features: Sequence[Tensor]) -> list[Tensor]:
-        """Point centres ``[H*W, 2]`` per level, in input-image pixels."""
-        return feature_points(features, self.strides)
-
-    @staticmethod
-    def decode(points: Tensor, reg: Tensor) -> Tensor:
-        """Boxes ``(x1, y1, x2, y2)`` from points ``[..., 2]`` and ltrb distances in pixels ``[..., 4]``."""
-        return ltrb_decode(points, reg)
 
     def flat_predictions(self, predictions: Any) -> FlatPredictions:
-        raise NotImplementedError
+        """The head's score logits (:attr:`score_field`) and ltrb distances over all levels."""
+        return FlatPredictions(
+            cls_logits=flatten_levels(getattr(predictions, self.score_field), self.num_classes),
+            ltrb=flatten_levels(predictions.box_ltrb, 4),
+            level_sizes=[int(x.shape[-2] * x.shape[-1]) for x in predictions.box_ltrb],
+        )
 
     # ---- training ------------------------------------------------------------------------------
     def _current_iter(self) -> int | None:
@@ -161,6 +151,12 @@ class TALDetector(DenseDetector):
         pred_boxes: Tensor,
         assignment: TALAssignment,
     ) -> dict[str, Tensor]:
+        """The head's losses of one training step: its flat predictions, the head's output, the points
+        ``[A, 2]`` over all levels, the decoded boxes ``[B, A, 4]`` (with gradient) and the assignment."""
+        return self.step_losses(TALStep(flat, predictions, points, pred_boxes, assignment))
+
+    def step_losses(self, step: TALStep) -> dict[str, Tensor]:
+        """:meth:`losses` of a subclass, its arguments in one :class:`TALStep`."""
         raise NotImplementedError
 
     # ---- inference -----------------------------------------------------------------------------
@@ -170,38 +166,7 @@ class TALDetector(DenseDetector):
         flat = self.flat_predictions(predictions)
         points = self.points(features)
         scores = flat.cls_logits.sigmoid()
-        results = []
-        for img_idx, image_size in enumerate(images.image_sizes):
-            results.append(
-                self.inference_single_image(scores[img_idx], flat.ltrb[img_idx], points, image_size)
-            )
-        return results
-
-    def inference_single_image(
-        self, scores: Tensor, ltrb: Tensor, points: list[Tensor], image_size: tuple[int, int]
-    ) -> Instances:
-        boxes_all, scores_all, classes_all = [], [], []
-        start = 0
-        for pts in points:  # loop over FPN levels
-            end = start + pts.shape[0]
-            lvl_scores = scores[start:end]
-            keep = lvl_scores > self.test_score_thresh
-            kept = lvl_scores[keep]
-            idx = torch.nonzero(keep)
-            num = min(self.test_topk_candidates, kept.numel())
-            kept, order = kept.sort(descending=True)
-            kept, idx = kept[:num], idx[order[:num]]
-            point_idx, cls_idx = idx.unbind(dim=1)
-            boxes_all.append(self.decode(pts[point_idx], ltrb[start:end][point_idx]))
-            scores_all.append(kept)
-            classes_all.append(cls_idx)
-            start = end
-        boxes = torch.cat(boxes_all)
-        det_scores = torch.cat(scores_all)
-        classes = torch.cat(classes_all)
-        keep = batched_nms(boxes, det_scores, classes, self.test_nms_thresh)[: self.max_detections_per_image]
-        result = Instances(image_size)
-        result.pred_boxes = Boxes(boxes[keep])
-        result.scores = det_scores[keep]
-        result.pred_classes = classes[keep]
-        return result
+        return [
+            self.inference_single_image(s.split(flat.level_sizes), ltrb.split(flat.level_sizes), points, size)
+            for s, ltrb, size in zip(scores, flat.ltrb, images.image_sizes)
+        ]

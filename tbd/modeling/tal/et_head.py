@@ -24,9 +24,9 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
 
-from tbd.modeling.backbones.levels import build_backbone_levels
-from tbd.modeling.tal.assigner import TALAssignment, reduced_normalizer, scatter_class_targets
-from tbd.modeling.tal.detector import FlatPredictions, TALDetector, flatten_levels
+from tbd.modeling.dense import conv_stack
+from tbd.modeling.tal.assigner import reduced_normalizer, scatter_class_targets
+from tbd.modeling.tal.detector import TALDetector, TALStep, flatten_levels
 from tbd.ops.boxes import giou_loss, ltrb_encode
 from tbd.ops.losses import distribution_focal_loss, varifocal_loss
 
@@ -78,20 +78,7 @@ class ETHead(nn.Module):
         super().__init__()
         self.strides = list(strides)
         self.reg_max = reg_max
-        self.stem = nn.Sequential(
-            *(
-                Conv2d(
-                    in_channels if i == 0 else feat_channels,
-                    feat_channels,
-                    3,
-                    padding=1,
-                    bias=not norm,
-                    norm=get_norm(norm, feat_channels),
-                    activation=F.silu,
-                )
-                for i in range(stacked_convs)
-            )
-        )
+        self.stem = nn.Sequential(*conv_stack(in_channels, feat_channels, stacked_convs, norm, F.silu))
         channels = feat_channels if stacked_convs > 0 else in_channels
         self.cls_ese = ESEAttention(channels, norm)
         self.reg_ese = ESEAttention(channels, norm)
@@ -123,20 +110,11 @@ class ETHead(nn.Module):
 class ETHeadDetector(TALDetector):
     """Anchor-free detector with the ET-head: TAL + Varifocal + DFL + GIoU."""
 
+    section, head_cls, head_args = "ETHEAD", ETHead, ("feat_channels", "stacked_convs", "reg_max")
+
     def __init__(self, cfg: CN) -> None:
+        super().__init__(**self.from_config(cfg))
         ec = cfg.MODEL.ETHEAD
-        levels = build_backbone_levels(cfg, ec.IN_FEATURES, "ETHEAD")
-        head = ETHead(
-            in_channels=levels.channels,
-            num_classes=ec.NUM_CLASSES,
-            strides=levels.strides,
-            feat_channels=ec.FEAT_CHANNELS,
-            stacked_convs=ec.STACKED_CONVS,
-            reg_max=ec.REG_MAX,
-            norm=ec.NORM,
-            prior_prob=ec.PRIOR_PROB,
-        )
-        super().__init__(levels.backbone, head, levels.in_features, **self.config_kwargs(cfg, ec))
         if ec.VFL_TARGET not in ("iou", "t_hat"):
             raise ValueError(f"MODEL.ETHEAD.VFL_TARGET must be 'iou' or 't_hat', got {ec.VFL_TARGET!r}")
         self.reg_max = ec.REG_MAX
@@ -147,21 +125,8 @@ class ETHeadDetector(TALDetector):
         self.giou_loss_weight = ec.GIOU_LOSS_WEIGHT
         self.dfl_loss_weight = ec.DFL_LOSS_WEIGHT
 
-    def flat_predictions(self, predictions: ETHeadOutput) -> FlatPredictions:
-        return FlatPredictions(
-            cls_logits=flatten_levels(predictions.cls_logits, self.num_classes),
-            ltrb=flatten_levels(predictions.box_ltrb, 4),
-            level_sizes=[int(x.shape[-2] * x.shape[-1]) for x in predictions.box_ltrb],
-        )
-
-    def losses(
-        self,
-        flat: FlatPredictions,
-        predictions: ETHeadOutput,
-        points: Tensor,
-        pred_boxes: Tensor,
-        assignment: TALAssignment,
-    ) -> dict[str, Tensor]:
+    def step_losses(self, step: TALStep) -> dict[str, Tensor]:
+        flat, predictions, points, pred_boxes, assignment = step
         quality = assignment.ious if self.vfl_target == "iou" else assignment.scores
         targets = scatter_class_targets(assignment.labels, quality, self.num_classes).to(
             flat.cls_logits.dtype

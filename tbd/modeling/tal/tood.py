@@ -27,9 +27,9 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import Tensor, nn
 
-from tbd.modeling.backbones.levels import build_backbone_levels
-from tbd.modeling.tal.assigner import TALAssignment, task_aligned_losses
-from tbd.modeling.tal.detector import FlatPredictions, TALDetector, flatten_levels
+from tbd.modeling.dense import conv_stack
+from tbd.modeling.tal.assigner import task_aligned_losses
+from tbd.modeling.tal.detector import TALDetector, TALStep
 
 _MAX_LOG_DISTANCE = 10.0  # exp() input cap for the distances (in strides): ~2e4 strides
 
@@ -107,18 +107,7 @@ class THead(nn.Module):
     ) -> None:
         super().__init__()
         self.strides = list(strides)
-        self.inter_convs = nn.ModuleList(
-            Conv2d(
-                in_channels if i == 0 else feat_channels,
-                feat_channels,
-                3,
-                padding=1,
-                bias=not norm,
-                norm=get_norm(norm, feat_channels),
-                activation=F.relu,
-            )
-            for i in range(stacked_convs)
-        )
+        self.inter_convs = nn.ModuleList(conv_stack(in_channels, feat_channels, stacked_convs, norm, F.relu))
         total = feat_channels * stacked_convs
         self.cls_decomp = TaskDecomposition(feat_channels, stacked_convs, la_down_rate, norm)
         self.reg_decomp = TaskDecomposition(feat_channels, stacked_convs, la_down_rate, norm)
@@ -167,40 +156,18 @@ class THead(nn.Module):
 class TOOD(TALDetector):
     """TOOD detector: T-Head trained with TAL (quality focal loss + t_hat-weighted GIoU)."""
 
+    section, head_cls, head_args = "TOOD", THead, ("feat_channels", "stacked_convs", "la_down_rate")
+    score_field = "aligned_logits"  # sigmoid = sqrt(sigmoid(P) * sigmoid(M))
+
     def __init__(self, cfg: CN) -> None:
+        super().__init__(**self.from_config(cfg))
         tc = cfg.MODEL.TOOD
-        levels = build_backbone_levels(cfg, tc.IN_FEATURES, "TOOD")
-        head = THead(
-            in_channels=levels.channels,
-            num_classes=tc.NUM_CLASSES,
-            strides=levels.strides,
-            feat_channels=tc.FEAT_CHANNELS,
-            stacked_convs=tc.STACKED_CONVS,
-            la_down_rate=tc.LA_DOWN_RATE,
-            norm=tc.NORM,
-            prior_prob=tc.PRIOR_PROB,
-        )
-        super().__init__(levels.backbone, head, levels.in_features, **self.config_kwargs(cfg, tc))
         self.focal_gamma = tc.FOCAL_GAMMA
         self.cls_loss_weight = tc.CLS_LOSS_WEIGHT
         self.box_loss_weight = tc.BOX_LOSS_WEIGHT
 
-    def flat_predictions(self, predictions: TOODHeadOutput) -> FlatPredictions:
-        return FlatPredictions(
-            cls_logits=flatten_levels(predictions.aligned_logits, self.num_classes),
-            ltrb=flatten_levels(predictions.box_ltrb, 4),
-            level_sizes=[int(x.shape[-2] * x.shape[-1]) for x in predictions.box_ltrb],
-        )
-
-    def losses(
-        self,
-        flat: FlatPredictions,
-        predictions: TOODHeadOutput,
-        points: Tensor,
-        pred_boxes: Tensor,
-        assignment: TALAssignment,
-    ) -> dict[str, Tensor]:
+    def step_losses(self, step: TALStep) -> dict[str, Tensor]:
         loss_cls, loss_box, _ = task_aligned_losses(
-            flat.cls_logits, pred_boxes, assignment, self.num_classes, gamma=self.focal_gamma
+            step.flat.cls_logits, step.pred_boxes, step.assignment, self.num_classes, gamma=self.focal_gamma
         )
         return {"loss_cls": self.cls_loss_weight * loss_cls, "loss_box_giou": self.box_loss_weight * loss_box}
