@@ -133,11 +133,14 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
     from detectron2.modeling import build_model
     from rich.table import Table
 
+    from tbd.describe import describe
     from tbd.distill.baseline import gain_note
     from tbd.export import load_student_state, student_cfg
     from tbd.jsonio import fmt_metric, undefined_metrics_note
 
     teacher_results, teacher_own, (t_cfg, teacher) = _teacher_results(cfg, args)
+    t_name, s_name = teacher_label(args), f"{args.student} ({args.head})"
+    t_text, s_text = describe(t_cfg, cfg.DISTILL.TEACHER_WEIGHTS), describe(student_cfg(cfg))
     size = f"{cfg.INPUT.MIN_SIZE_TEST}/{cfg.INPUT.MAX_SIZE_TEST} px"
     rows: dict[str, dict[str, Any]] = {
         "teacher": {"bbox": teacher_results.get("bbox", {}), "input": size},
@@ -160,9 +163,7 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
             student.eval()
             rows["student"]["harmony"] = _harmony(s_cfg, student)
 
-    table = Table(
-        title=f"tbd distill: {teacher_label(args)} -> {args.student} ({args.head}) on {cfg.DATASETS.TEST[0]}"
-    )
+    table = Table(title=f"tbd distill: {t_name} -> {s_name} on {cfg.DATASETS.TEST[0]}")
     table.add_column("model")
     table.add_column("test input")
     for col in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
@@ -175,10 +176,13 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         share = h.get("harmonious_share")
         mean_hs = h.get("mean_hs_easy", h.get("mean_hs"))
         label = {
-            "teacher_own_input": "teacher (own input)",
-            "student_alone": "student alone",
-            "student": "distilled student" if alone is not None else "student",
-        }.get(name, name)
+            "teacher": f"teacher {t_name}",
+            "teacher_own_input": f"teacher {t_name} (own input)",
+            "student_alone": f"student {args.student} alone",
+            "student": f"student {args.student} distilled"
+            if alone is not None
+            else f"student {args.student}",
+        }[name]
         table.add_row(
             label,
             row["input"],
@@ -196,6 +200,8 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
             "",
         )
     console.print(table)
+    console.print(f"teacher {t_name}: {t_text}", soft_wrap=True)
+    console.print(f"student {s_name}: {s_text}", soft_wrap=True)
     for name, row in rows.items():
         note = undefined_metrics_note(row["bbox"])
         if note:
@@ -212,11 +218,19 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
             "(see docs/HARMONY.md)"
         )
     summary = {
-        "teacher": {"name": teacher_label(args), "config": cfg.DISTILL.TEACHER_CONFIG, **rows["teacher"]},
+        "teacher": {
+            "name": t_name,
+            "description": t_text,
+            "config": cfg.DISTILL.TEACHER_CONFIG,
+            "weights": cfg.DISTILL.TEACHER_WEIGHTS,
+            **rows["teacher"],
+        },
         "teacher_own_input": rows.get("teacher_own_input"),
-        "student": {"name": args.student, "head": args.head, **rows["student"]},
+        "student": {"name": args.student, "head": args.head, "description": s_text, **rows["student"]},
         "student_alone": (
-            {"name": args.student, "head": args.head, **rows["student_alone"]} if alone is not None else None
+            {"name": args.student, "head": args.head, "description": s_text, **rows["student_alone"]}
+            if alone is not None
+            else None
         ),
         "gain": (
             {
@@ -250,6 +264,7 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
             "gate": cfg.DISTILL.GATE,
             "with_baseline": cfg.DISTILL.WITH_BASELINE,
             "baseline_guard": cfg.DISTILL.BASELINE_GUARD,
+            "weight_schedule": cfg.DISTILL.WEIGHT_SCHEDULE,
         },
     }
     return summary

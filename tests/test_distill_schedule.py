@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +74,25 @@ def test_a_bad_schedule_is_refused_naming_the_key() -> None:
     cfg = distill_config("retinanet_R18_FPN", "retinanet_R18_FPN", ["DISTILL.WEIGHT_SCHEDULE", "linear"])
     with pytest.raises(ValueError, match="DISTILL.WEIGHT_SCHEDULE"):
         build_model(cfg)
+
+
+# ------------------------------------------------------------- beta by the student's initialisation
+def test_beta_follows_the_students_init_unless_the_user_sets_it(tmp_path: Path) -> None:
+    from tbd.config import load_config
+    from tbd.data.shapes import register_shapes
+    from tbd.distill.config import PRETRAINED_TFD_WEIGHT, SCRATCH_TFD_WEIGHT
+    from tbd.teachers import distill_config as build_distill_config
+
+    _, val = register_shapes(tmp_path, num_train=4, num_val=2)  # lazy: only the class names are read
+
+    def beta(weights: str, opts: list[str] | None = None) -> float:
+        student = load_config("tood_MNV2_FPN")
+        student.MODEL.WEIGHTS = weights
+        cfg = build_distill_config(student, "tood_MNV2_FPN_teacher", "", val, opts=opts)
+        return cfg.DISTILL.TFD_WEIGHT
+
+    assert (PRETRAINED_TFD_WEIGHT, SCRATCH_TFD_WEIGHT) == (0.1, 0.4)
+    assert beta("torchvision://mobilenet_v2") == PRETRAINED_TFD_WEIGHT  # what real users have
+    assert beta("") == SCRATCH_TFD_WEIGHT  # from scratch: the beta measured for it
+    assert beta("", ["DISTILL.TFD_WEIGHT", "0.25"]) == 0.25  # the user's value wins either way
+    assert beta("torchvision://mobilenet_v2", ["DISTILL.TFD_WEIGHT", "0.4"]) == 0.4

@@ -25,9 +25,14 @@ def test_with_baseline_reports_teacher_student_alone_and_distilled(
     ]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "student alone" in out and "distilled student" in out and "gain (distilled − alone)" in out
+    assert "student r18 alone" in out and "student r18 distilled" in out and "gain (distilled − alone)" in out
+    # every model named by what it is: detector, backbone, init (docs: issue 25 item 3)
+    assert "teacher r50: FCOS, R-50-FPN" in out and "student r18 (retinanet): RetinaNet, R-18-FPN" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["distill"]["with_baseline"] is True
+    assert summary["teacher"]["description"].startswith("FCOS, R-50-FPN 128 ch, weights ")
+    assert summary["student"]["description"] == summary["student_alone"]["description"]
+    assert summary["student"]["description"].startswith("RetinaNet, R-18-FPN")
     alone, distilled = summary["student_alone"]["bbox"], summary["student"]["bbox"]
     gain = summary["gain"]["bbox"]
     assert set(gain) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
@@ -40,6 +45,7 @@ def test_with_baseline_reports_teacher_student_alone_and_distilled(
     assert summary["gain"]["note"]
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "WITH_BASELINE: true" in config
+    assert "TFD_WEIGHT: 0.4" in config  # an R-18 from scratch: the beta measured for it
 
 
 def test_without_baseline_the_gain_is_said_to_be_unknown() -> None:

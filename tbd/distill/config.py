@@ -22,6 +22,18 @@ from .keys import (  # noqa: F401
 )
 from .schedule import WEIGHT_SCHEDULES
 
+#: beta for a student that starts from pretrained (ImageNet) weights: DISTILL.TFD_WEIGHT's default
+PRETRAINED_TFD_WEIGHT = 0.1
+#: beta for a student from scratch (MODEL.WEIGHTS empty), set by tbd distill when the key is untouched
+SCRATCH_TFD_WEIGHT = 0.4
+
+
+def student_tfd_weight(cfg: CN) -> None:
+    """A student from scratch (``MODEL.WEIGHTS`` empty) whose ``DISTILL.TFD_WEIGHT`` is the default:
+    :data:`SCRATCH_TFD_WEIGHT`, the beta measured for it. A value set by the user is kept."""
+    if not cfg.MODEL.WEIGHTS and cfg.DISTILL.TFD_WEIGHT == PRETRAINED_TFD_WEIGHT:
+        cfg.DISTILL.TFD_WEIGHT = SCRATCH_TFD_WEIGHT
+
 
 def add_tbd_config(cfg: CN) -> None:
     """Add the ``DISTILL`` node to ``cfg`` (idempotent: an existing node is left untouched)."""
@@ -54,7 +66,9 @@ def add_tbd_config(cfg: CN) -> None:
     d.MIMIC_WEIGHT = 0.4
     # --- losses ---------------------------------------------------------------------------------
     d.HD_WEIGHT = 1.0  # alpha
-    d.TFD_WEIGHT = 0.4  # beta (measured: docs/CONFIG.md)
+    # beta, for a pretrained (ImageNet) student, what real users have; a student from scratch gets
+    # SCRATCH_TFD_WEIGHT from tbd distill (measured: docs/CONFIG.md "How alpha and beta were chosen")
+    d.TFD_WEIGHT = PRETRAINED_TFD_WEIGHT
     # Scale of every feature distance (TFD and the peers): "teacher_energy" divides it by the
     # teacher's mean feature energy on that level and image (a relative error, so beta does not
     # depend on the teacher's feature scale); "none" is the notes' raw squared distance.
