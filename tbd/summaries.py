@@ -75,12 +75,12 @@ def _teacher_results(
     return at_student, at_own, (t_cfg, model)
 
 
-def _harmony(cfg: CfgNode, model: Any) -> dict[str, Any] | None:
+def _harmony(cfg: CfgNode, model: Any, score_thresh: float = 0.5) -> dict[str, Any] | None:
     try:
         from tbd.analysis.harmony import measure_harmony
     except ImportError:
         return None
-    return measure_harmony(cfg, model, cfg.DATASETS.TEST[0])
+    return measure_harmony(cfg, model, cfg.DATASETS.TEST[0], score_thresh=score_thresh)
 
 
 def teacher_label(args: argparse.Namespace) -> str:
@@ -95,9 +95,10 @@ def teacher_label(args: argparse.Namespace) -> str:
 _BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def alone_row(cfg: CfgNode) -> dict[str, Any] | None:
+def alone_row(cfg: CfgNode, score_thresh: float = 0.5) -> dict[str, Any] | None:
     """The student trained alone (``--with-baseline``) at the run's last evaluation, from metrics.json:
-    ``{"bbox": ..., "harmony": ..., "harmony_score0.3": ...}``; ``None`` without a baseline."""
+    ``{"bbox": ..., "harmony": ..., "harmony_score0.3": ...}`` (``harmony``: at ``score_thresh``, 0.5
+    or 0.3, the two the evaluations log); ``None`` without a baseline."""
     from tbd.distill.baseline import read_last_comparison
 
     if not cfg.DISTILL.WITH_BASELINE:
@@ -107,7 +108,7 @@ def alone_row(cfg: CfgNode) -> dict[str, Any] | None:
         return None
     return {
         "bbox": last["bbox"],
-        "harmony": last.get("harmony_score0.5"),
+        "harmony": last.get(f"harmony_score{score_thresh:g}"),
         "harmony_score0.3": last.get("harmony_score0.3"),
         "iteration": last.get("iteration"),
     }
@@ -146,7 +147,8 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         "teacher": {"bbox": teacher_results.get("bbox", {}), "input": size},
         "student": {"bbox": student_results.get("bbox", {}), "input": size},
     }
-    alone = alone_row(cfg)
+    score_thresh = float(getattr(args, "harmony_score_thresh", 0.5))
+    alone = alone_row(cfg, score_thresh)
     rows = {
         "teacher": rows["teacher"],
         **({"teacher_own_input": teacher_own} if teacher_own is not None else {}),
@@ -154,14 +156,14 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         "student": rows["student"],
     }
     if not args.no_harmony:
-        rows["teacher"]["harmony"] = _harmony(t_cfg, teacher)
+        rows["teacher"]["harmony"] = _harmony(t_cfg, teacher, score_thresh)
         final = Path(cfg.OUTPUT_DIR) / "model_final.pth"
         if final.is_file():
             s_cfg = student_cfg(cfg)
             student = build_model(s_cfg)
             student.load_state_dict(load_student_state(final))
             student.eval()
-            rows["student"]["harmony"] = _harmony(s_cfg, student)
+            rows["student"]["harmony"] = _harmony(s_cfg, student, score_thresh)
 
     table = Table(title=f"tbd distill: {t_name} -> {s_name} on {cfg.DATASETS.TEST[0]}")
     table.add_column("model")
@@ -277,6 +279,7 @@ def summary_options(
     teacher_config: str | None = None,
     harmony: bool = True,
     teacher_cache: str | None = None,
+    harmony_score_thresh: float = 0.5,
 ) -> argparse.Namespace:
     """The ``args`` of :func:`summarize` for a caller without ``tbd distill``'s options: the names
     in the table (a teacher named by its config file when ``teacher_config`` is given)."""
@@ -287,6 +290,7 @@ def summary_options(
         head=head,
         no_harmony=not harmony,
         teacher_cache=teacher_cache,
+        harmony_score_thresh=harmony_score_thresh,
     )
 
 

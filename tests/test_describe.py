@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tbd.config import load_config
 from tbd.describe import describe, init_name
 from tbd.distill.testing import distill_config
@@ -33,3 +35,30 @@ def test_init_names() -> None:
         "weights detectron2://COCO-Detection/x/model_final.pkl"
     )
     assert init_name("model.pth") == "weights model.pth"
+
+
+def test_the_alone_row_reads_the_harmony_of_the_chosen_threshold(tmp_path: Path) -> None:
+    import json
+
+    from tbd.summaries import alone_row
+
+    cfg = distill_config("retinanet_R18_FPN", "fcos_R50_FPN")
+    cfg.OUTPUT_DIR = str(tmp_path)
+    cfg.DISTILL.WITH_BASELINE = True
+    rows = [
+        {"iteration": 9, "baseline/bbox/AP": 1.0, "baseline/harmony_score0.5/harmonious_share": 0.1},
+        {
+            "iteration": 19,
+            "baseline/bbox/AP": 5.0,
+            "baseline/harmony_score0.5/harmonious_share": 0.2,
+            "baseline/harmony_score0.3/harmonious_share": 0.6,
+        },
+    ]
+    (tmp_path / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    at_05, at_03 = alone_row(cfg), alone_row(cfg, 0.3)
+    assert at_05 is not None and at_03 is not None
+    assert at_05["bbox"] == {"AP": 5.0} and at_05["iteration"] == 19  # the last evaluation
+    assert at_05["harmony"] == {"harmonious_share": 0.2}
+    assert at_03["harmony"] == {"harmonious_share": 0.6}
+    cfg.DISTILL.WITH_BASELINE = False
+    assert alone_row(cfg) is None
