@@ -206,6 +206,32 @@ def test_harmony_summaries_take_the_shared_teacher_once(tmp_path: Path) -> None:
     assert len(notes) == 1 and "trained" in notes[0] and "tbd harmony --run" in notes[0]
 
 
+def test_harmony_summaries_add_the_student_trained_alone(tmp_path: Path) -> None:
+    summary = distill_summary()
+    flat = {f"easy_iou_share-{a:g}-{b:g}": v for a, b, v in zip(EDGES[:-1], EDGES[1:], (0.7, 0.2, 0.1))}
+    summary["student_alone"] = {
+        "name": "mnv2",
+        "harmony": {
+            **flat,
+            "harmonious_share": 0.1,
+            "num_easy": 7.0,
+            "mean_hs": 0.6,
+            "score_thresh": 0.5,
+            "iou_thresh": 0.7,
+            "score_floor": 0.05,
+        },
+    }
+    found, _ = harmony_summaries([load_run(write_run(tmp_path / "a", summary=summary), "demo")])
+    assert list(found) == ["teacher mnv2in", "demo", "demo: student alone"]
+    alone = found["demo: student alone"]
+    assert alone["easy_iou_shares"] == [0.7, 0.2, 0.1] and alone["harmonious_share"] == 0.1
+    assert alone["num_easy"] == 7 and alone["bin_edges"] == EDGES
+    # measured at another score threshold than the distilled student: not drawn beside it
+    summary["student_alone"]["harmony"]["score_thresh"] = 0.3
+    found, _ = harmony_summaries([load_run(write_run(tmp_path / "b", summary=summary), "demo")])
+    assert list(found) == ["teacher mnv2in", "demo"]
+
+
 # --------------------------------------------------------------------------- command
 def test_cli_writes_png_and_svg_of_each_figure(tmp_path: Path) -> None:
     a = write_run(tmp_path / "a", baseline=True, summary=distill_summary())

@@ -330,6 +330,40 @@ def evaluation_figure(runs: Sequence[RunCurves], notes: EvaluationNotes | None =
     return fig
 
 
+_SHARE_PREFIX = "easy_iou_share-"
+
+
+def alone_harmony(run: RunCurves) -> dict[str, Any] | None:
+    """The student trained alone's IoU histogram (``summary.json``'s ``student_alone``, logged at the
+    last evaluation as flat ``easy_iou_share-a-b`` scalars) in the form of a harmony summary, when
+    it was measured with the same thresholds and bins as the distilled student's."""
+    from tbd.analysis.harmony import THRESHOLD_KEYS
+
+    student = run.summary_harmony("student")
+    alone = ((run.summary or {}).get("student_alone") or {}).get("harmony")
+    if student is None or not isinstance(alone, dict):
+        return None
+    bins = []
+    for key, value in alone.items():
+        if key.startswith(_SHARE_PREFIX):
+            low, high = key[len(_SHARE_PREFIX) :].split("-")
+            bins.append(((float(low), float(high)), value))
+    bins.sort()
+    edges = [bins[0][0][0], *(high for (_, high), _ in bins)] if bins else []
+    same = edges == [float(e) for e in student["bin_edges"]] and all(
+        alone.get(k) == student[k] for k in ("score_thresh", "iou_thresh", "score_floor")
+    )
+    if not same:
+        return None
+    return {
+        **{k: student[k] for k in THRESHOLD_KEYS},
+        "easy_iou_shares": [value for _, value in bins],
+        "harmonious_share": alone.get("harmonious_share"),
+        "num_easy": int(alone.get("num_easy") or 0),
+        "mean_hs": alone.get("mean_hs"),
+    }
+
+
 def harmony_summaries(runs: Sequence[RunCurves]) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """The IoU histograms of ``summary.json`` to draw: each distinct teacher once, then each student.
 
@@ -348,6 +382,9 @@ def harmony_summaries(runs: Sequence[RunCurves]) -> tuple[dict[str, dict[str, An
         s_h = run.summary_harmony("student")
         if s_h is not None:
             found[run.name] = s_h
+            a_h = alone_harmony(run)
+            if a_h is not None:  # --with-baseline: the same student trained alone, beside it
+                found[f"{run.name}: student alone"] = a_h
         elif run.summary is None:
             notes.append(
                 f"{run.name}: no {SUMMARY_FILE} (tbd distill writes it; for a tbd train run use tbd harmony --run)"
