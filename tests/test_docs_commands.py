@@ -43,7 +43,16 @@ def _makefile_commands() -> list[str]:
     text = re.sub(r"\\\n\s*", " ", (PROJECT_ROOT / "Makefile").read_text())
     variables = dict(re.findall(r"^(\w+)\s*\?=\s*(.*)$", text, flags=re.M))
     lines = [ln.strip() for ln in text.splitlines() if re.search(r"/bin/tbd ", ln)]
-    return [re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), m.group(0)), ln) for ln in lines]
+
+    def expand(line: str) -> str:  # as make does: a variable's value may name others
+        for _ in range(10):
+            expanded = re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), m.group(0)), line)
+            if expanded == line:
+                break
+            line = expanded
+        return line
+
+    return [expand(ln) for ln in lines]
 
 
 def _cases() -> list[tuple[str, str, bool]]:
