@@ -62,7 +62,8 @@ def add_tbd_config(cfg: CN) -> None:
     # "mimic_mse" (plain FPN mimicking) or "cls_mask_mimic" (teacher-p_c-masked mimicking, the
     # paper's eq. 1). Peers return ``loss_mimic = MIMIC_WEIGHT * L`` and no HD/TFD.
     d.METHOD = "tbd"
-    # Weight of a peer's loss; the default equals TFD_WEIGHT so both live on the same scale.
+    # Weight of a peer's loss: SCRATCH_TFD_WEIGHT, beta of the from-scratch students the peers were
+    # measured with (docs/BENCHMARKS.md §1); compare a pretrained student's peers at its own beta.
     d.MIMIC_WEIGHT = 0.4
     # --- losses ---------------------------------------------------------------------------------
     d.HD_WEIGHT = 1.0  # alpha
