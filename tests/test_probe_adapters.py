@@ -8,6 +8,8 @@ tests/test_codetr_teacher.py.)
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -46,6 +48,21 @@ def _features(model: nn.Module, batch: list[dict], names: list[str]) -> list[tor
     return [feats[f] for f in names]
 
 
+def _probed_and_head(model: nn.Module, batch: list[dict]) -> tuple[list[LevelPrediction], Any]:
+    """The probe's levels and the dense head's own output on the same features."""
+    levels = _probed(model, batch)
+    features = _features(model, batch, list(model.head_in_features))
+    with torch.no_grad():
+        return levels, model.head(features)
+
+
+def _box_at_cell(ltrb: list[float], stride: int) -> torch.Tensor:
+    """x1y1x2y2 of distances (l, t, r, b) from the centre of cell (ROW, COL) at ``stride``."""
+    l_, t_, r_, b_ = ltrb
+    cx, cy = (COL + 0.5) * stride, (ROW + 0.5) * stride
+    return torch.tensor([cx - l_, cy - t_, cx + r_, cy + b_])
+
+
 def test_rpn_adapter_reads_objectness_and_decodes_anchors() -> None:
     model = _model("faster_rcnn_R18_FPN", ["MODEL.ROI_HEADS.NUM_CLASSES", "5"])
     adapter = get_probe_adapter(model)
@@ -82,10 +99,7 @@ def test_fcos_adapter_reads_class_logits_and_decodes_ltrb_by_stride() -> None:
     adapter = get_probe_adapter(model)
     assert adapter.num_classes(model) == 8 and adapter.strides(model) == [8, 16, 32, 64, 128]
     batch = synthetic_batch(2, 64, seed=2)
-    levels = _probed(model, batch)
-    features = _features(model, batch, list(model.head_in_features))
-    with torch.no_grad():
-        logits, ltrb, _ = model.head(features)
+    levels, (logits, ltrb, _) = _probed_and_head(model, batch)
     level, stride = 1, 16
     lv = levels[level]
     _, k, h, w = logits[level].shape
@@ -93,9 +107,7 @@ def test_fcos_adapter_reads_class_logits_and_decodes_ltrb_by_stride() -> None:
     assert torch.equal(lv.logits[1, ROW, COL, 0], logits[level][1, :, ROW, COL])
     # Detectron2's FCOS: the point is the centre of a stride-sized anchor at the cell's centre,
     # ltrb = relu(regression) x stride
-    l_, t_, r_, b_ = (ltrb[level][1, :, ROW, COL].relu() * stride).tolist()
-    cx, cy = (COL + 0.5) * stride, (ROW + 0.5) * stride
-    expected = torch.tensor([cx - l_, cy - t_, cx + r_, cy + b_])
+    expected = _box_at_cell((ltrb[level][1, :, ROW, COL].relu() * stride).tolist(), stride)
     torch.testing.assert_close(lv.boxes[1, ROW, COL, 0], expected, rtol=1e-5, atol=1e-4)
 
 
@@ -127,19 +139,16 @@ def test_tood_adapter_reads_the_aligned_logits_and_decodes_ltrb_pixels() -> None
     adapter = get_probe_adapter(model)
     assert adapter.num_classes(model) == 8 and adapter.strides(model) == [8, 16, 32, 64, 128]
     batch = synthetic_batch(2, 64, seed=3)
-    levels = _probed(model, batch)
-    features = _features(model, batch, list(model.head_in_features))
-    with torch.no_grad():
-        out = model.head(features)
+    levels, out = _probed_and_head(model, batch)
     level, stride = 0, 8
     lv = levels[level]
     got = lv.logits[0, ROW, COL, 0]
     # the score TOOD ranks its detections by: sqrt(sigmoid(P) sigmoid(M)), not sigmoid(P)
     assert torch.equal(got, out.aligned_logits[level][0, :, ROW, COL])
     assert not torch.allclose(got, out.cls_logits[level][0, :, ROW, COL])
-    l_, t_, r_, b_ = out.box_ltrb[level][0, :, ROW, COL].tolist()  # pixels, after offset sampling
-    cx, cy = (COL + 0.5) * stride, (ROW + 0.5) * stride
-    expected = torch.tensor([cx - l_, cy - t_, cx + r_, cy + b_])
+    expected = _box_at_cell(
+        out.box_ltrb[level][0, :, ROW, COL].tolist(), stride
+    )  # pixels, after offset sampling
     torch.testing.assert_close(lv.boxes[0, ROW, COL, 0], expected, rtol=1e-5, atol=1e-4)
 
 
@@ -149,16 +158,12 @@ def test_et_adapter_reads_class_logits_and_the_expected_bin_distances() -> None:
         torch.nn.init.normal_(model.head.reg_pred.weight, std=0.3)
     assert get_probe_adapter(model).strides(model) == [8, 16, 32, 64, 128]
     batch = synthetic_batch(2, 64, seed=4)
-    levels = _probed(model, batch)
-    features = _features(model, batch, list(model.head_in_features))
-    with torch.no_grad():
-        out = model.head(features)
+    levels, out = _probed_and_head(model, batch)
     level, stride = 1, 16
     lv = levels[level]
     assert torch.equal(lv.logits[1, ROW, COL, 0], out.cls_logits[level][1, :, ROW, COL])
     bins = out.reg_bins[level][1, :, ROW, COL].view(4, 17)  # side-major: l, t, r, b
     l_, t_, r_, b_ = ((bins.softmax(-1) * torch.arange(17.0)).sum(-1) * stride).tolist()
     assert len({round(x, 3) for x in (l_, t_, r_, b_)}) == 4  # four different sides
-    cx, cy = (COL + 0.5) * stride, (ROW + 0.5) * stride
-    expected = torch.tensor([cx - l_, cy - t_, cx + r_, cy + b_])
+    expected = _box_at_cell([l_, t_, r_, b_], stride)
     torch.testing.assert_close(lv.boxes[1, ROW, COL, 0], expected, rtol=1e-5, atol=1e-3)
