@@ -68,6 +68,22 @@ def write_tiny_coco(root: Path, num_images: int = 8, size: int = 64, seed: int =
     return json_path, images_dir
 
 
+def save_random_teacher(root: Path, num_classes: int = 2) -> Path:
+    """A RetinaNet R-18 checkpoint of ``num_classes`` classes, random weights (seed 0: scores near its
+    0.01 prior), saved as ``root/teacher.pth``: a teacher for CLI tests on :func:`write_tiny_coco` data."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from tbd.config import load_config
+
+    torch.manual_seed(0)
+    cfg = load_config(
+        "retinanet_R18_FPN", ["MODEL.RETINANET.NUM_CLASSES", str(num_classes), "MODEL.DEVICE", "cpu"]
+    )
+    DetectionCheckpointer(build_model(cfg), save_dir=str(root)).save("teacher")
+    return root / "teacher.pth"
+
+
 @pytest.fixture
 def tiny_coco(tmp_path: Path) -> str:
     """A registered tiny COCO dataset; returns its Detectron2 name."""

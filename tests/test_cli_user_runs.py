@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import forget_datasets, write_tiny_coco
+from conftest import forget_datasets, save_random_teacher, write_tiny_coco
 from detectron2.data import DatasetCatalog
 
 from tbd.cli.main import build_parser, main
@@ -22,21 +22,14 @@ pytestmark = pytest.mark.usefixtures("isolated_cli")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Tiny user data (2 classes, 64 px): 6 training and 3 validation images, and a 2-class
     R-18 RetinaNet checkpoint (random: scores near its 0.01 prior) to use as a teacher."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    from tbd.config import load_config
-
     root = tmp_path_factory.mktemp("user_data")
     train_json, train_images = write_tiny_coco(root / "train", num_images=6, seed=1)
     val_json, val_images = write_tiny_coco(root / "val", num_images=3, seed=2)
-    torch.manual_seed(0)
-    cfg = load_config("retinanet_R18_FPN", ["MODEL.RETINANET.NUM_CLASSES", "2", "MODEL.DEVICE", "cpu"])
-    DetectionCheckpointer(build_model(cfg), save_dir=str(root)).save("teacher")
+    teacher = save_random_teacher(root)
     return {
         "train": ["--train-json", str(train_json), "--train-images", str(train_images)],
         "val": ["--val-json", str(val_json), "--val-images", str(val_images)],
-        "teacher": root / "teacher.pth",
+        "teacher": teacher,
     }
 
 

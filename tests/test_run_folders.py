@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import write_tiny_coco
+from conftest import save_random_teacher, write_tiny_coco
 
 from tbd.cli.main import main
 from tbd.engine.run_folder import (
@@ -29,11 +29,6 @@ pytestmark = pytest.mark.usefixtures("isolated_cli")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two tiny user datasets (2 classes; a third with 3 classes) and a 2-class teacher checkpoint."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    from tbd.config import load_config
-
     root = tmp_path_factory.mktemp("run_folder_data")
     train_json, train_images = write_tiny_coco(root / "train", num_images=6, seed=1)
     other_json, other_images = write_tiny_coco(root / "other", num_images=6, seed=5)
@@ -43,15 +38,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     three["annotations"][0]["category_id"] = 3
     three_json = root / "train" / "three_classes.json"
     three_json.write_text(json.dumps(three))
-    torch.manual_seed(0)
-    cfg = load_config("retinanet_R18_FPN", ["MODEL.RETINANET.NUM_CLASSES", "2", "MODEL.DEVICE", "cpu"])
-    DetectionCheckpointer(build_model(cfg), save_dir=str(root)).save("teacher")
+    teacher = save_random_teacher(root)
     return {
         "train": ["--train-json", str(train_json), "--train-images", str(train_images)],
         "other": ["--train-json", str(other_json), "--train-images", str(other_images)],
         "three": ["--train-json", str(three_json), "--train-images", str(train_images)],
         "val": ["--val-json", str(val_json), "--val-images", str(val_images)],
-        "teacher": root / "teacher.pth",
+        "teacher": teacher,
     }
 
 
