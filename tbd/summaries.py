@@ -141,7 +141,8 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
 
     teacher_results, teacher_own, (t_cfg, teacher) = _teacher_results(cfg, args)
     t_name, s_name = teacher_label(args), f"{args.student} ({args.head})"
-    t_text, s_text = describe(t_cfg, cfg.DISTILL.TEACHER_WEIGHTS), describe(student_cfg(cfg))
+    s_cfg = student_cfg(cfg)
+    t_text, s_text = describe(t_cfg, cfg.DISTILL.TEACHER_WEIGHTS), describe(s_cfg)
     size = f"{cfg.INPUT.MIN_SIZE_TEST}/{cfg.INPUT.MAX_SIZE_TEST} px"
     rows: dict[str, dict[str, Any]] = {
         "teacher": {"bbox": teacher_results.get("bbox", {}), "input": size},
@@ -159,7 +160,6 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         rows["teacher"]["harmony"] = _harmony(t_cfg, teacher, score_thresh)
         final = Path(cfg.OUTPUT_DIR) / "model_final.pth"
         if final.is_file():
-            s_cfg = student_cfg(cfg)
             student = build_model(s_cfg)
             student.load_state_dict(load_student_state(final))
             student.eval()
