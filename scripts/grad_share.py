@@ -52,9 +52,9 @@ def group_of(name: str) -> str:
 
 
 def load_run_cfg(run: Path, device: str) -> Any:
-    from tbd.cli.rundata import read_data
+    from tbd.cli.common import resolve_datasets
+    from tbd.cli.rundata import DATA_KEYS, restore_data
     from tbd.config import load_config
-    from tbd.data import resolve_datasets
 
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
@@ -62,18 +62,10 @@ def load_run_cfg(run: Path, device: str) -> Any:
     cfg = load_config(cfg_path)
     if cfg.MODEL.META_ARCHITECTURE != "TBDistiller":
         sys.exit(f"{run} is not a distillation run (META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE})")
-    data = read_data(run) or {}
-    resolve_datasets(
-        data.get("dataset"),
-        train_json=data.get("train_json"),
-        train_images=data.get("train_images"),
-        val_json=data.get("val_json"),
-        val_images=data.get("val_images"),
-        shapes_options={
-            "num_train": data.get("num_train_images") or 2000,
-            "num_val": data.get("num_val_images") or 200,
-        },
-    )
+    # the run's data as tbd eval / tbd harmony --run re-register it (data.json, --data-dir included)
+    data = argparse.Namespace(**{**dict.fromkeys(DATA_KEYS), "num_train_images": 2000, "num_val_images": 200})
+    restore_data(data, [run])
+    resolve_datasets(data)
     cfg.defrost()
     cfg.DISTILL.WITH_BASELINE = False
     cfg.DATALOADER.NUM_WORKERS = 0
