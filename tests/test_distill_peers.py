@@ -77,7 +77,16 @@ def test_config_validates_method() -> None:
 # ---------------------------------------------------------------------------- through the distiller
 def _build(method: str, extra: list[str] | None = None) -> TBDistiller:
     torch.manual_seed(0)
-    opts = SMALL + ["DISTILL.METHOD", method, "DISTILL.MIMIC_WEIGHT", "0.01", *(extra or [])]
+    # ungated (the gate on the peers is tested in tests/test_gate.py)
+    opts = SMALL + [
+        "DISTILL.METHOD",
+        method,
+        "DISTILL.MIMIC_WEIGHT",
+        "0.01",
+        "DISTILL.GATE",
+        "none",
+        *(extra or []),
+    ]
     model = build_model(distill_config("retinanet_R18_FPN", "retinanet_R18_FPN", opts))
     assert isinstance(model, TBDistiller)
     return model

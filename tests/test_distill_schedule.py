@@ -96,3 +96,24 @@ def test_beta_follows_the_students_init_unless_the_user_sets_it(tmp_path: Path) 
     assert beta("") == SCRATCH_TFD_WEIGHT  # from scratch: the beta measured for it
     assert beta("", ["DISTILL.TFD_WEIGHT", "0.25"]) == 0.25  # the user's value wins either way
     assert beta("torchvision://mobilenet_v2", ["DISTILL.TFD_WEIGHT", "0.4"]) == 0.4
+
+
+def test_gate_follows_the_students_init_unless_the_user_sets_it(tmp_path: Path) -> None:
+    from tbd.config import load_config
+    from tbd.data.shapes import register_shapes
+    from tbd.distill.config import PRETRAINED_GATE, SCRATCH_GATE
+    from tbd.teachers import distill_config as build_distill_config
+
+    _, val = register_shapes(tmp_path, num_train=4, num_val=2)
+
+    def gate(weights: str, opts: list[str] | None = None) -> str:
+        student = load_config("tood_MNV2_FPN")
+        student.MODEL.WEIGHTS = weights
+        return build_distill_config(student, "tood_MNV2_FPN_teacher", "", val, opts=opts).DISTILL.GATE
+
+    assert (PRETRAINED_GATE, SCRATCH_GATE) == ("harmony", "none")
+    assert load_config("tood_MNV2_FPN").DISTILL.GATE == PRETRAINED_GATE  # the config default: real users
+    assert gate("torchvision://mobilenet_v2") == "harmony"
+    assert gate("") == "none"  # from scratch: the paper's TBD, measured for it
+    assert gate("", ["DISTILL.GATE", "iou"]) == "iou"  # the user's value wins either way
+    assert gate("torchvision://mobilenet_v2", ["DISTILL.GATE", "none"]) == "none"

@@ -40,6 +40,8 @@ def _build(tfd_mode: str, hd_mode: str) -> TBDistiller:
         "DISTILL.TFD_CLS_WEIGHT", str(OMEGA_C), "DISTILL.TFD_REG_WEIGHT", str(OMEGA_R),
         "DISTILL.TWG.MIN_WEIGHT", str(TWG_FLOOR), "DISTILL.TWG.HIDDEN_DIM", "8",
         "DISTILL.TFD_MODE", tfd_mode, "DISTILL.HD_MODE", hd_mode,
+        # the paper's ungated terms (the gate's own by-hand wiring test: tests/test_gate.py)
+        "DISTILL.GATE", "none",
     ]  # fmt: skip
     model = build_model(distill_config("retinanet_R18_FPN", "faster_rcnn_R18_FPN", opts))
     assert isinstance(model, TBDistiller)

@@ -26,6 +26,10 @@ from .schedule import WEIGHT_SCHEDULES
 PRETRAINED_TFD_WEIGHT = 0.1
 #: beta for a student from scratch (MODEL.WEIGHTS empty), set by tbd distill when the key is untouched
 SCRATCH_TFD_WEIGHT = 0.4
+#: gate for a student that starts from pretrained weights: DISTILL.GATE's default (docs/BENCHMARKS.md §1e)
+PRETRAINED_GATE = "harmony"
+#: gate for a student from scratch: the paper's TBD, the setting measured for it (§1)
+SCRATCH_GATE = "none"
 
 
 def student_tfd_weight(cfg: CN) -> None:
@@ -33,6 +37,15 @@ def student_tfd_weight(cfg: CN) -> None:
     :data:`SCRATCH_TFD_WEIGHT`, the beta measured for it. A value set by the user is kept."""
     if not cfg.MODEL.WEIGHTS and cfg.DISTILL.TFD_WEIGHT == PRETRAINED_TFD_WEIGHT:
         cfg.DISTILL.TFD_WEIGHT = SCRATCH_TFD_WEIGHT
+
+
+def scratch_student_defaults(cfg: CN) -> None:
+    """The settings measured for a student from scratch (``MODEL.WEIGHTS`` empty), where the key still
+    holds the pretrained students' default: β (:func:`student_tfd_weight`) and the gate
+    (:data:`SCRATCH_GATE`). A value set by the user is kept; a pretrained student is left alone."""
+    student_tfd_weight(cfg)
+    if not cfg.MODEL.WEIGHTS and cfg.DISTILL.GATE == PRETRAINED_GATE:
+        cfg.DISTILL.GATE = SCRATCH_GATE
 
 
 def add_tbd_config(cfg: CN) -> None:
@@ -92,12 +105,14 @@ def add_tbd_config(cfg: CN) -> None:
     # The probability maps fed to TWG are detached (TWG is a weighting, not a path for gradient
     # into the student's heads).
     d.TWG.DETACH_INPUTS = True
-    # --- student-aware gating (an experiment; METHODS.md §1.7) -----------------------------------
+    # --- student-aware gating (METHODS.md §1.7) ---------------------------------------------------
     # A detached per-location weight g in [0, 1] on every distillation term (HD, TFD, the peers):
     # "none" (g = 1: the paper's TBD), "harmony" (g = clamp((HS^t - HS^s + m) / 2m, 0, 1): distil
     # where the teacher is more harmonious than the student), "iou" (the same ramp on p_r^t - p_r^s:
-    # where the teacher's boxes fit the ground truth better).
-    d.GATE = "none"
+    # where the teacher's boxes fit the ground truth better). "harmony" is the default for pretrained
+    # students (measured: BENCHMARKS.md §1e); tbd distill sets SCRATCH_GATE ("none") for a student from
+    # scratch when the key is untouched (scratch_student_defaults).
+    d.GATE = PRETRAINED_GATE
     d.GATE_MARGIN = 0.05  # m: half-width of the ramp (m -> 0: a hard step at equality)
     # --- the student trained alone, side by side (METHODS.md §1.8) ------------------------------
     # Train a second copy of the student without distillation on the same batches, from the same
