@@ -227,3 +227,27 @@ def test_the_guard_warns_and_scales_when_distillation_hurts(
     # the terms were halved from the step after the evaluation on (and again after the final one)
     scales = [v for v, _ in trainer.storage.history("tbd/distill_scale").values()]
     assert scales == [1.0, 1.0, 0.5, 0.5] and float(trainer.model.distill_scale) == 0.25
+
+
+def test_the_student_starts_as_trained_alone_would_whatever_the_teacher() -> None:
+    """Built before the teacher, the student's random parts depend on the seed and its own config only:
+    the same seed gives the same student (and baseline) with any teacher, and the model `tbd train`
+    builds for that student."""
+    from tbd.config import load_config
+    from tbd.distill.testing import distill_config
+
+    def student_state(teacher: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        return build_model(
+            distill_config("retinanet_R18_FPN", teacher, ["MODEL.DEVICE", "cpu"])
+        ).student.state_dict()
+
+    torch.manual_seed(0)
+    alone = build_model(load_config("retinanet_R18_FPN", ["MODEL.DEVICE", "cpu"])).state_dict()
+    for teacher in (
+        "retinanet_R18_FPN",
+        "fcos_R18_FPN",
+    ):  # teachers of different sizes draw different numbers
+        state = student_state(teacher)
+        assert state.keys() == alone.keys()
+        assert all(torch.equal(state[k], alone[k]) for k in alone), teacher

@@ -204,13 +204,17 @@ class TBDistiller(nn.Module):
     ) -> dict[str, Any]:
         validate_tbd_config(cfg)
         d = cfg.DISTILL
+        # the student first: its random parts (FPN, head) then depend on the seed and its own config
+        # only, so it starts as `tbd train` of the same student and seed would, whatever the teacher
+        if student is None:
+            student = build_student(cfg)
         if teacher is None:
             teacher, teacher_format = build_teacher(cfg)
         else:
             teacher_format = _model_input_format(teacher)
         return {
             "teacher": teacher,
-            "student": student if student is not None else build_student(cfg),
+            "student": student,
             "hd_weight": d.HD_WEIGHT,
             "tfd_weight": d.TFD_WEIGHT,
             "hd_mode": d.HD_MODE,
