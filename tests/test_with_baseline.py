@@ -206,6 +206,8 @@ def test_the_guard_warns_and_scales_when_distillation_hurts(
     opts = [
         "MODEL.WEIGHTS", str(weights),
         "DISTILL.METHOD", "mimic_mse", "DISTILL.MIMIC_WEIGHT", "1000.0",
+        # ungated: the default gate of a pretrained student would spare it the untrained teacher
+        "DISTILL.GATE", "none",
         "DISTILL.BASELINE_GUARD", "scale", "TEST.EVAL_PERIOD", "2",
         "SOLVER.OPTIMIZER", "SGD", "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "0",
     ]  # fmt: skip
