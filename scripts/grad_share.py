@@ -39,8 +39,9 @@ import tbd  # noqa: F401  (compat shims before any detectron2.modeling import)
 # isort: split
 from detectron2.utils.events import EventStorage
 
+from tbd.analysis.curves import DISTILL_LOSSES
+
 GROUPS = ("backbone", "neck", "head")
-DISTILL_KEYS = ("loss_hd", "loss_tfd", "loss_mimic")
 
 
 def group_of(name: str) -> str:
@@ -109,8 +110,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.batches):
             losses = model(next(loader))
             terms = {
-                "detection": sum(v for k, v in losses.items() if k not in DISTILL_KEYS),
-                **{k: v for k, v in losses.items() if k in DISTILL_KEYS and v.requires_grad},
+                "detection": sum(v for k, v in losses.items() if k not in DISTILL_LOSSES),
+                **{k: v for k, v in losses.items() if k in DISTILL_LOSSES and v.requires_grad},
             }
             grads = {
                 k: flat(list(torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)), params)

@@ -26,8 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tbd import jsonio
+from tbd.analysis.curves import AP_KEY, DISTILL_LOSSES, RunCurves, RunDataError, load_run
+
 SHARE_KEYS = {"0.5": "harmony_score0.5/harmonious_share", "0.3": "harmony_score0.3/harmonious_share"}
-DISTILL_LOSSES = ("loss_hd", "loss_tfd", "loss_mimic")
 
 
 def parse_group(text: str) -> tuple[str, list[Path]]:
@@ -37,15 +39,8 @@ def parse_group(text: str) -> tuple[str, list[Path]]:
     return label, [Path(r) for r in runs.split(",") if r]
 
 
-def read_metrics(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.json"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def tail_mean(rows: list[dict[str, Any]], key: str, tail: int) -> float | None:
-    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))][-tail:]
+def tail_mean(curves: RunCurves, key: str, its: list[int]) -> float | None:
+    values = [curves.scalars[key][i] for i in its if i in curves.scalars.get(key, {})]
     return statistics.fmean(values) if values else None
 
 
@@ -56,18 +51,19 @@ def run_row(run: Path, tail: int) -> dict[str, Any]:
     summary = json.loads(summary_path.read_text())
     if "student_alone" not in summary:
         sys.exit(f"{run}: no student-alone row in summary.json: run `tbd distill` with --with-baseline")
-    rows = read_metrics(run)
-    evals = [r for r in rows if "bbox/AP" in r and "baseline/bbox/AP" in r]
-    training = [r for r in rows if "total_loss" in r]
-    last = evals[-1] if evals else {}
-    distill_share = None
-    if training:
-        shares = [
-            sum(r.get(k, 0.0) for k in DISTILL_LOSSES) / r["total_loss"]
-            for r in training[-tail:]
-            if r.get("total_loss")
-        ]
-        distill_share = statistics.fmean(shares) if shares else None
+    try:  # tbd plot's reader: a resumed run's repeated iterations count once, non-finite values dropped
+        curves = load_run(run)
+    except RunDataError as err:
+        sys.exit(str(err))
+    scalars = curves.scalars
+    distilled_ap, alone_ap = scalars.get(AP_KEY, {}), scalars.get(f"baseline/{AP_KEY}", {})
+    eval_its = sorted(set(distilled_ap) & set(alone_ap))
+    last = eval_its[-1] if eval_its else None
+    totals = scalars.get("total_loss", {})
+    tail_its = sorted(totals)[-tail:]
+    shares = [
+        sum(scalars.get(k, {}).get(i, 0.0) for k in DISTILL_LOSSES) / totals[i] for i in tail_its if totals[i]
+    ]
     alone, distilled = summary["student_alone"]["bbox"], summary["student"]["bbox"]
     own = summary.get("teacher_own_input") or {}
     return {
@@ -88,21 +84,23 @@ def run_row(run: Path, tail: int) -> dict[str, Any]:
         "gain": summary["gain"]["bbox"].get("AP"),
         "gain_AP50": summary["gain"]["bbox"].get("AP50"),
         "evaluations": [
-            {"iteration": r["iteration"], "distilled": r["bbox/AP"], "alone": r["baseline/bbox/AP"]}
-            for r in evals
+            {"iteration": i, "distilled": distilled_ap[i], "alone": alone_ap[i]} for i in eval_its
         ],
         "harmonious_share": {
-            thr: {"alone": last.get(f"baseline/{key}"), "distilled": last.get(key)}
+            thr: {
+                "alone": scalars.get(f"baseline/{key}", {}).get(last),
+                "distilled": scalars.get(key, {}).get(last),
+            }
             for thr, key in SHARE_KEYS.items()
         },
-        "distill_share_of_loss": distill_share,
+        "distill_share_of_loss": statistics.fmean(shares) if shares else None,
         "detection_losses": {
             name: {
-                "distilled": tail_mean(training, f"loss_{name}", tail),
-                "alone": tail_mean(training, f"baseline/loss_{name}", tail),
+                "distilled": tail_mean(curves, f"loss_{name}", tail_its),
+                "alone": tail_mean(curves, f"baseline/loss_{name}", tail_its),
             }
             for name in ("cls", "box_giou", "box_reg")
-            if tail_mean(training, f"loss_{name}", tail) is not None
+            if f"loss_{name}" in scalars
         },
     }
 
@@ -197,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        args.json.write_text(jsonio.dumps(result, indent=1) + "\n")
     return result
 
 
