@@ -55,6 +55,21 @@ def test_harmony_and_iou_gates_by_hand() -> None:
         location_gate("both", teacher, student, 0.05)
 
 
+def test_quality_gate_by_hand() -> None:
+    # q = sqrt(p_c p_r). Location 0: a trained teacher (0.36, 0.81) -> q = 0.54 beside an untrained
+    # student (0.01, 0.16) -> q = 0.04: the teacher leads. The harmony gate says the opposite there
+    # (HS^s = 1 - tanh 0.15 > HS^t = 1 - tanh 0.45): the case the quality gate is for.
+    # Location 1: the student leads (0.64, 0.81) -> 0.72 against the teacher's (0.25, 0.81) -> 0.45.
+    # Location 2: q^t = sqrt(0.5 * 0.5) = 0.5, q^s = sqrt(0.49 * 0.49) = 0.49: gap 0.01.
+    teacher = _maps([0.36, 0.25, 0.5], [0.81, 0.81, 0.5])
+    student = _maps([0.01, 0.64, 0.49], [0.16, 0.81, 0.49])
+    g = location_gate("quality", teacher, student, 0.05)
+    assert g[0, 0].tolist() == pytest.approx([1.0, 0.0, (0.01 + 0.05) / 0.1], abs=1e-6)
+    assert location_gate("harmony", teacher, student, 0.05)[0, 0, 0].item() == 0.0
+    g = location_gate("quality", student, teacher, 0.05)  # roles swapped: the gate flips
+    assert g[0, 0].tolist() == pytest.approx([0.0, 1.0, (-0.01 + 0.05) / 0.1], abs=1e-6)
+
+
 def test_gated_terms_by_hand() -> None:
     teacher = _maps([0.9, 0.9], [0.5, 0.5])  # psi = p_r^t sqrt(1 + |p_c^t - p_c^s|) = 0.5 at both
     student = _maps([0.9, 0.9], [0.0, 0.3])

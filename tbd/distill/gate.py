@@ -6,10 +6,16 @@ per-location value by ``g`` and keeps its own normaliser (the mean over location
 ``sum p_c^t``, ...), so a gate can only remove distillation, never amplify it: with ``g = 1``
 everywhere the term is the ungated one, with ``g = 0`` everywhere it is exactly 0.
 
-``g = clamp((gap + m) / (2 m), 0, 1)`` with ``gap = HS^t - HS^s`` (``"harmony"``) or
-``gap = p_r^t - p_r^s`` (``"iou"``): 1 where the teacher leads by at least ``m``, 0 where the
-student leads by at least ``m``, a linear ramp between (0.5 at a tie). ``m = 0`` is a hard step
-(``g = 1`` where the teacher strictly leads).
+``g = clamp((gap + m) / (2 m), 0, 1)`` with ``gap = HS^t - HS^s`` (``"harmony"``),
+``gap = p_r^t - p_r^s`` (``"iou"``) or ``gap = q^t - q^s`` with ``q = sqrt(p_c p_r)`` (``"quality"``:
+the geometric mean of score and IoU, high only where a prediction is both confident and well
+placed): 1 where the teacher leads by at least ``m``, 0 where the student leads by at least ``m``,
+a linear ramp between (0.5 at a tie). ``m = 0`` is a hard step (``g = 1`` where the teacher
+strictly leads).
+
+``"harmony"`` compares agreement, not quality: an untrained student, whose scores and IoUs are both
+low, is "harmonious" (HS near 1) and counts as ahead of a trained teacher almost everywhere
+(measured: METHODS.md §1.7). ``"quality"`` counts it as behind.
 """
 
 from __future__ import annotations
@@ -39,8 +45,18 @@ def location_gate(mode: str, teacher: TaskMaps, student: TaskMaps, margin: float
         raise ValueError(f"unknown gate {mode!r}; expected one of {GATES}")
     if mode == "none":
         return None
-    gap = teacher.hs - student.hs if mode == "harmony" else teacher.p_r - student.p_r
+    if mode == "harmony":
+        gap = teacher.hs - student.hs
+    elif mode == "iou":
+        gap = teacher.p_r - student.p_r
+    else:
+        gap = prediction_quality(teacher) - prediction_quality(student)
     return ramp(gap, margin)
+
+
+def prediction_quality(maps: TaskMaps) -> Tensor:
+    """``q = sqrt(p_c p_r)`` per location (detached): high only where score and IoU are both high."""
+    return (maps.p_c.detach() * maps.p_r.detach()).clamp_min(0.0).sqrt()
 
 
 def level_gates(

@@ -19,7 +19,7 @@ ADAPTERS = ("conv1x1", "identity")
 #: teacher precision
 TEACHER_AMP_MODES = ("", "bf16", "fp16")
 #: student-aware gates of the distillation terms (METHODS.md §1.7); "none" is the paper's TBD
-GATES = ("none", "harmony", "iou")
+GATES = ("none", "harmony", "iou", "quality")
 #: what happens when the distilled student falls behind the student trained alone (§1.8)
 BASELINE_GUARDS = ("warn", "scale")
 #: DISTILL.METHOD choices: TBD itself and the peer baselines (tbd.distill.peers)
