@@ -419,6 +419,34 @@ class TBDistiller(nn.Module):
                 return self.teacher_adapter.run_dense(self._teacher, inputs)
         return self.teacher_adapter.run_dense(self._teacher, inputs)
 
+    def matched_levels(
+        self, teacher_levels: Sequence[LevelPrediction], student_levels: Sequence[LevelPrediction]
+    ) -> tuple[list[LevelPrediction], list[LevelPrediction]]:
+        """The distilled levels of both models in ``strides`` order, cropped to their common size."""
+        t_by_stride = {lv.stride: lv for lv in teacher_levels}
+        s_by_stride = {lv.stride: lv for lv in student_levels}
+        t_levels, s_levels = [], []
+        for stride in self.strides:
+            t, s = t_by_stride[stride], s_by_stride[stride]
+            h, w = min(t.size[0], s.size[0]), min(t.size[1], s.size[1])
+            t_levels.append(t.crop(h, w))
+            s_levels.append(s.crop(h, w))
+        return t_levels, s_levels
+
+    @torch.no_grad()
+    def probe_task_maps(self, batched_inputs: list[dict[str, Any]]) -> tuple[list[TaskMaps], list[TaskMaps]]:
+        """The teacher's and the student's task maps per distilled level, as the training step sees
+        them (the student in its current mode; no loss, no gradient): for diagnostics, e.g.
+        ``scripts/gate_probe.py``."""
+        with self._probe.capture():
+            self.student(batched_inputs)
+        student_levels = self._probe.levels()
+        teacher_levels = self.teacher_levels(batched_inputs)
+        gt = [x["instances"].gt_boxes.tensor.to(self.device) for x in batched_inputs]
+        gt_boxes, _, gt_mask = pad_boxes(gt)
+        t_levels, s_levels = self.matched_levels(teacher_levels, student_levels)
+        return self.task_maps(t_levels, gt_boxes, gt_mask), self.task_maps(s_levels, gt_boxes, gt_mask)
+
     def task_maps(
         self, levels: Sequence[LevelPrediction], gt_boxes: Tensor, gt_mask: Tensor
     ) -> list[TaskMaps]:
@@ -438,14 +466,7 @@ class TBDistiller(nn.Module):
         gt_mask: Tensor,
     ) -> dict[str, Tensor]:
         """``loss_hd`` and ``loss_tfd`` (weighted by alpha, beta) for probed teacher/student levels."""
-        t_by_stride = {lv.stride: lv for lv in teacher_levels}
-        s_by_stride = {lv.stride: lv for lv in student_levels}
-        t_levels, s_levels = [], []
-        for stride in self.strides:
-            t, s = t_by_stride[stride], s_by_stride[stride]
-            h, w = min(t.size[0], s.size[0]), min(t.size[1], s.size[1])
-            t_levels.append(t.crop(h, w))
-            s_levels.append(s.crop(h, w))
+        t_levels, s_levels = self.matched_levels(teacher_levels, student_levels)
         gates = None
         if self.gate != "none":
             gates = level_gates(
