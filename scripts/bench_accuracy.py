@@ -304,27 +304,28 @@ def extra_harmony(folder: Path, thresholds: list[float]) -> dict[str, float | No
     return row
 
 
-DISTILL_LOSSES = ("loss_hd", "loss_tfd", "loss_mimic")
-
-
 def training_stats(run_dir: Path) -> dict[str, float | None]:
-    """From a run's ``metrics.json``: median step time, and at the last logged step the share of the
-    distillation losses in the total loss and TWG's ω_c averaged over levels (``None`` if absent)."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
+    """From a run's ``metrics.json`` (read by ``tbd plot``'s reader): median step time, and at the last
+    logged step the share of the distillation losses in the total loss and TWG's ω_c averaged over
+    levels (``None`` if absent)."""
+    from tbd.analysis.curves import DISTILL_LOSSES, TWG_PREFIX, RunDataError, load_run
+
+    try:
+        run = load_run(run_dir)
+    except RunDataError:
         return {"step_s": None, "distill_share_last": None, "twg_w_cls_last": None}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    steps = [r for r in records if "time" in r and "total_loss" in r]
-    times = [r["time"] for r in steps]
+    times = run.scalars.get("time", {})
+    totals = run.scalars.get("total_loss", {})
+    steps = sorted(set(times) & set(totals))
     share = twg = None
     if steps:
         last = steps[-1]
-        total = last["total_loss"]
-        share = sum(last.get(k, 0.0) for k in DISTILL_LOSSES) / total if total else None
-        w = [v for k, v in last.items() if k.startswith("tbd/twg_w_cls_")]
+        total = totals[last]
+        share = sum(run.scalars.get(k, {}).get(last, 0.0) for k in DISTILL_LOSSES) / total if total else None
+        w = [v[last] for k, v in run.scalars.items() if k.startswith(TWG_PREFIX) and last in v]
         twg = statistics.fmean(w) if w else None
     return {
-        "step_s": statistics.median(times) if times else None,
+        "step_s": statistics.median(times[i] for i in steps) if steps else None,
         "distill_share_last": share,
         "twg_w_cls_last": twg,
     }

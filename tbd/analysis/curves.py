@@ -18,12 +18,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from tbd.distill.keys import DISTILL_LOSSES
+
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.json"
 #: prefix of the scalars of a baseline trained beside a distillation run (``tbd distill --with-baseline``)
 BASELINE_PREFIX = "baseline/"
-#: losses that come from the teacher, not from the detector's own targets
-DISTILL_LOSSES = ("loss_hd", "loss_tfd", "loss_mimic")
 #: the distiller's TWG classification weight of one FPN level: ``tbd/twg_w_cls_s<stride>``
 TWG_PREFIX = "tbd/twg_w_cls_s"
 AP_KEY = "bbox/AP"

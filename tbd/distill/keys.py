@@ -6,6 +6,9 @@ losses, the peers and the distiller can all name the same tuples without importi
 
 from __future__ import annotations
 
+#: the loss keys the distiller adds to the student's own (``tbd`` and the peer methods): every other
+#: ``loss_*`` of a distillation step is the detector's, from its own targets
+DISTILL_LOSSES = ("loss_hd", "loss_tfd", "loss_mimic")
 #: p_c modes (METHODS.md §1.1): how the per-location max logit becomes a probability map
 PC_MODES = ("sigmoid", "softmax_max1", "spatial_softmax")
 #: harmony distillation forms (METHODS.md §1.2)

@@ -9,6 +9,8 @@ from detectron2.engine import HookBase
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from tbd.distill.keys import DISTILL_LOSSES
+
 
 def format_losses(latest: dict[str, tuple[float, int]], keys: list[str] | None = None) -> str:
     """``loss_a 0.123  loss_b 0.456`` from an ``EventStorage.latest()`` dict."""
@@ -17,9 +19,9 @@ def format_losses(latest: dict[str, tuple[float, int]], keys: list[str] | None =
 
 
 def distill_share(latest: dict[str, tuple[float, int]]) -> float | None:
-    """Fraction of the total loss that comes from the distillation terms, if any."""
+    """Fraction of the total loss that comes from the distillation terms (TBD's or a peer's), if any."""
     losses = {k: v[0] for k, v in latest.items() if k.startswith("loss")}
-    distill = sum(v for k, v in losses.items() if k in ("loss_hd", "loss_tfd"))
+    distill = sum(v for k, v in losses.items() if k in DISTILL_LOSSES)
     total = sum(losses.values())
     if not distill or total <= 0:
         return None
