@@ -109,9 +109,11 @@ def add_tbd_config(cfg: CN) -> None:
     # A detached per-location weight g in [0, 1] on every distillation term (HD, TFD, the peers):
     # "none" (g = 1: the paper's TBD), "harmony" (g = clamp((HS^t - HS^s + m) / 2m, 0, 1): distil
     # where the teacher is more harmonious than the student), "iou" (the same ramp on p_r^t - p_r^s:
-    # where the teacher's boxes fit the ground truth better). "harmony" is the default for pretrained
-    # students (measured: BENCHMARKS.md §1e); tbd distill sets SCRATCH_GATE ("none") for a student from
-    # scratch when the key is untouched (scratch_student_defaults).
+    # where the teacher's boxes fit the ground truth better), "quality" (the ramp on q^t - q^s with
+    # q = sqrt(p_c p_r): where the teacher's prediction is both better scored and better placed).
+    # "harmony" is the default for pretrained students (measured: BENCHMARKS.md §1e); tbd distill
+    # sets SCRATCH_GATE ("none") for a student from scratch when the key is untouched
+    # (scratch_student_defaults).
     d.GATE = PRETRAINED_GATE
     d.GATE_MARGIN = 0.05  # m: half-width of the ramp (m -> 0: a hard step at equality)
     # --- the student trained alone, side by side (METHODS.md §1.8) ------------------------------
