@@ -279,7 +279,7 @@ def distill_config(
     """
     from tbd.config import load_config
     from tbd.data import num_classes
-    from tbd.distill.config import scratch_student_defaults
+    from tbd.distill.config import student_defaults
 
     cfg = student
     student_arch = cfg.MODEL.META_ARCHITECTURE
@@ -298,7 +298,9 @@ def distill_config(
         cfg.DISTILL.TEACHER_AMP = teacher_amp
     if with_baseline:
         cfg.DISTILL.WITH_BASELINE = True
-    scratch_student_defaults(cfg)  # beta and gate of a student from scratch; the user's opts below still win
+    student_defaults(
+        cfg
+    )  # beta and gate measured for the student's init and profile; the user's opts still win
     if output is not None:
         cfg.OUTPUT_DIR = str(output)
     if opts:

@@ -80,40 +80,53 @@ def test_a_bad_schedule_is_refused_naming_the_key() -> None:
 def test_beta_follows_the_students_init_unless_the_user_sets_it(tmp_path: Path) -> None:
     from tbd.config import load_config
     from tbd.data.shapes import register_shapes
-    from tbd.distill.config import PRETRAINED_TFD_WEIGHT, SCRATCH_TFD_WEIGHT
+    from tbd.distill.config import EMBEDDED_PRETRAINED_TFD_WEIGHT, PRETRAINED_TFD_WEIGHT, SCRATCH_TFD_WEIGHT
     from tbd.teachers import distill_config as build_distill_config
 
     _, val = register_shapes(tmp_path, num_train=4, num_val=2)  # lazy: only the class names are read
 
-    def beta(weights: str, opts: list[str] | None = None) -> float:
+    def beta(weights: str, opts: list[str] | None = None, profile: str = "") -> float:
         student = load_config("tood_MNV2_FPN")
         student.MODEL.WEIGHTS = weights
+        student.TBD.PROFILE = profile
         cfg = build_distill_config(student, "tood_MNV2_FPN_teacher", "", val, opts=opts)
         return cfg.DISTILL.TFD_WEIGHT
 
-    assert (PRETRAINED_TFD_WEIGHT, SCRATCH_TFD_WEIGHT) == (0.1, 0.4)
-    assert beta("torchvision://mobilenet_v2") == PRETRAINED_TFD_WEIGHT  # what real users have
-    assert beta("") == SCRATCH_TFD_WEIGHT  # from scratch: the beta measured for it
+    assert (PRETRAINED_TFD_WEIGHT, EMBEDDED_PRETRAINED_TFD_WEIGHT, SCRATCH_TFD_WEIGHT) == (0.01, 0.1, 0.4)
+    imagenet = "torchvision://mobilenet_v2"
+    # what real users have: an ImageNet student in Detectron2's setting (custom / coco profile, or
+    # no profile at all: a train_net.py)
+    assert beta(imagenet, profile="custom") == beta(imagenet, profile="coco") == PRETRAINED_TFD_WEIGHT
+    assert beta(imagenet) == PRETRAINED_TFD_WEIGHT
+    assert beta(imagenet, profile="embedded") == EMBEDDED_PRETRAINED_TFD_WEIGHT  # trainable BN, AdamW
+    assert beta("") == beta("", profile="custom") == SCRATCH_TFD_WEIGHT  # from scratch: measured for it
     assert beta("", ["DISTILL.TFD_WEIGHT", "0.25"]) == 0.25  # the user's value wins either way
-    assert beta("torchvision://mobilenet_v2", ["DISTILL.TFD_WEIGHT", "0.4"]) == 0.4
+    assert beta(imagenet, ["DISTILL.TFD_WEIGHT", "0.4"], profile="custom") == 0.4
+    assert beta(imagenet, ["DISTILL.TFD_WEIGHT", "0.05"], profile="embedded") == 0.05
 
 
-def test_gate_follows_the_students_init_unless_the_user_sets_it(tmp_path: Path) -> None:
+def test_gate_follows_the_students_init_and_profile_unless_the_user_sets_it(tmp_path: Path) -> None:
     from tbd.config import load_config
     from tbd.data.shapes import register_shapes
-    from tbd.distill.config import PRETRAINED_GATE, SCRATCH_GATE
+    from tbd.distill.config import DEFAULT_GATE, EMBEDDED_PRETRAINED_GATE
     from tbd.teachers import distill_config as build_distill_config
 
     _, val = register_shapes(tmp_path, num_train=4, num_val=2)
 
-    def gate(weights: str, opts: list[str] | None = None) -> str:
+    def gate(weights: str, opts: list[str] | None = None, profile: str = "") -> str:
         student = load_config("tood_MNV2_FPN")
         student.MODEL.WEIGHTS = weights
+        student.TBD.PROFILE = profile
         return build_distill_config(student, "tood_MNV2_FPN_teacher", "", val, opts=opts).DISTILL.GATE
 
-    assert (PRETRAINED_GATE, SCRATCH_GATE) == ("harmony", "none")
-    assert load_config("tood_MNV2_FPN").DISTILL.GATE == PRETRAINED_GATE  # the config default: real users
-    assert gate("torchvision://mobilenet_v2") == "harmony"
-    assert gate("") == "none"  # from scratch: the paper's TBD, measured for it
-    assert gate("", ["DISTILL.GATE", "iou"]) == "iou"  # the user's value wins either way
-    assert gate("torchvision://mobilenet_v2", ["DISTILL.GATE", "none"]) == "none"
+    imagenet = "torchvision://mobilenet_v2"
+    assert (DEFAULT_GATE, EMBEDDED_PRETRAINED_GATE) == ("none", "harmony")
+    assert load_config("tood_MNV2_FPN").DISTILL.GATE == DEFAULT_GATE  # the config default: a train_net.py
+    assert gate(imagenet) == gate(imagenet, profile="custom") == gate(imagenet, profile="coco") == "none"
+    assert gate(imagenet, profile="embedded") == "harmony"  # measured there (BENCHMARKS.md §1e)
+    assert (
+        gate("") == gate("", profile="embedded") == "none"
+    )  # from scratch: the paper's TBD, measured for it
+    assert gate("", ["DISTILL.GATE", "iou"], profile="embedded") == "iou"  # the user's value wins either way
+    assert gate(imagenet, ["DISTILL.GATE", "none"], profile="embedded") == "none"
+    assert gate(imagenet, ["DISTILL.GATE", "quality"], profile="custom") == "quality"

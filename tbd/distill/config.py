@@ -22,30 +22,49 @@ from .keys import (  # noqa: F401
 )
 from .schedule import WEIGHT_SCHEDULES
 
-#: beta for a student that starts from pretrained (ImageNet) weights: DISTILL.TFD_WEIGHT's default
-PRETRAINED_TFD_WEIGHT = 0.1
+#: beta for a student that starts from pretrained (ImageNet) weights in Detectron2's own setting
+#: (FrozenBN, frozen stem, SGD: the coco/custom profiles and a user's train_net.py): DISTILL.TFD_WEIGHT's
+#: default (measured on real data: docs/BENCHMARKS.md §1f; 0.1 cost AP there)
+PRETRAINED_TFD_WEIGHT = 0.01
+#: beta for a pretrained student on tbd's embedded profile (trainable BatchNorm, AdamW), set by tbd
+#: distill when the key is untouched (measured: docs/BENCHMARKS.md §1d-§1e)
+EMBEDDED_PRETRAINED_TFD_WEIGHT = 0.1
 #: beta for a student from scratch (MODEL.WEIGHTS empty), set by tbd distill when the key is untouched
 SCRATCH_TFD_WEIGHT = 0.4
-#: gate for a student that starts from pretrained weights: DISTILL.GATE's default (docs/BENCHMARKS.md §1e)
-PRETRAINED_GATE = "harmony"
-#: gate for a student from scratch: the paper's TBD, the setting measured for it (§1)
-SCRATCH_GATE = "none"
+#: DISTILL.GATE's default: the paper's ungated TBD, measured with PRETRAINED_TFD_WEIGHT on real data
+#: (docs/BENCHMARKS.md §1f) and for students from scratch (§1)
+DEFAULT_GATE = "none"
+#: gate for a pretrained student on the embedded profile, set by tbd distill when the key is untouched
+#: (measured: docs/BENCHMARKS.md §1e: it turned a weaker teacher's losses there into gains)
+EMBEDDED_PRETRAINED_GATE = "harmony"
 
 
 def student_tfd_weight(cfg: CN) -> None:
-    """A student from scratch (``MODEL.WEIGHTS`` empty) whose ``DISTILL.TFD_WEIGHT`` is the default:
-    :data:`SCRATCH_TFD_WEIGHT`, the beta measured for it. A value set by the user is kept."""
-    if not cfg.MODEL.WEIGHTS and cfg.DISTILL.TFD_WEIGHT == PRETRAINED_TFD_WEIGHT:
+    """β measured for the student's setting, where ``DISTILL.TFD_WEIGHT`` still holds its default
+    (:data:`PRETRAINED_TFD_WEIGHT`): :data:`SCRATCH_TFD_WEIGHT` for a student from scratch
+    (``MODEL.WEIGHTS`` empty), :data:`EMBEDDED_PRETRAINED_TFD_WEIGHT` for a pretrained one on the
+    embedded profile (``TBD.PROFILE``). A value set by the user is kept."""
+    if cfg.DISTILL.TFD_WEIGHT != PRETRAINED_TFD_WEIGHT:
+        return
+    if not cfg.MODEL.WEIGHTS:
         cfg.DISTILL.TFD_WEIGHT = SCRATCH_TFD_WEIGHT
+    elif _profile(cfg) == "embedded":
+        cfg.DISTILL.TFD_WEIGHT = EMBEDDED_PRETRAINED_TFD_WEIGHT
 
 
-def scratch_student_defaults(cfg: CN) -> None:
-    """The settings measured for a student from scratch (``MODEL.WEIGHTS`` empty), where the key still
-    holds the pretrained students' default: β (:func:`student_tfd_weight`) and the gate
-    (:data:`SCRATCH_GATE`). A value set by the user is kept; a pretrained student is left alone."""
+def student_defaults(cfg: CN) -> None:
+    """The settings measured for the student's setting, where a key still holds its default: β
+    (:func:`student_tfd_weight`) and, for a pretrained student on the embedded profile, the gate
+    (:data:`EMBEDDED_PRETRAINED_GATE`). A value set by the user is kept (apply the user's overrides
+    after this)."""
     student_tfd_weight(cfg)
-    if not cfg.MODEL.WEIGHTS and cfg.DISTILL.GATE == PRETRAINED_GATE:
-        cfg.DISTILL.GATE = SCRATCH_GATE
+    if cfg.MODEL.WEIGHTS and _profile(cfg) == "embedded" and cfg.DISTILL.GATE == DEFAULT_GATE:
+        cfg.DISTILL.GATE = EMBEDDED_PRETRAINED_GATE
+
+
+def _profile(cfg: CN) -> str:
+    """``TBD.PROFILE`` (set by tbd's commands; empty in a user's own config)."""
+    return str(cfg.TBD.get("PROFILE", "")) if "TBD" in cfg else ""
 
 
 def add_tbd_config(cfg: CN) -> None:
@@ -80,8 +99,10 @@ def add_tbd_config(cfg: CN) -> None:
     d.MIMIC_WEIGHT = 0.4
     # --- losses ---------------------------------------------------------------------------------
     d.HD_WEIGHT = 1.0  # alpha
-    # beta, for a pretrained (ImageNet) student, what real users have; a student from scratch gets
-    # SCRATCH_TFD_WEIGHT from tbd distill (measured: docs/CONFIG.md "How alpha and beta were chosen")
+    # beta, for a pretrained (ImageNet) student in Detectron2's setting (FrozenBN, SGD), what real
+    # users have; tbd distill sets SCRATCH_TFD_WEIGHT for a student from scratch and
+    # EMBEDDED_PRETRAINED_TFD_WEIGHT for a pretrained one on the embedded profile (measured:
+    # docs/CONFIG.md "How alpha and beta were chosen", docs/BENCHMARKS.md §1f)
     d.TFD_WEIGHT = PRETRAINED_TFD_WEIGHT
     # Scale of every feature distance (TFD and the peers): "teacher_energy" divides it by the
     # teacher's mean feature energy on that level and image (a relative error, so beta does not
@@ -111,10 +132,10 @@ def add_tbd_config(cfg: CN) -> None:
     # where the teacher is more harmonious than the student), "iou" (the same ramp on p_r^t - p_r^s:
     # where the teacher's boxes fit the ground truth better), "quality" (the ramp on q^t - q^s with
     # q = sqrt(p_c p_r): where the teacher's prediction is both better scored and better placed).
-    # "harmony" is the default for pretrained students (measured: BENCHMARKS.md §1e); tbd distill
-    # sets SCRATCH_GATE ("none") for a student from scratch when the key is untouched
-    # (scratch_student_defaults).
-    d.GATE = PRETRAINED_GATE
+    # "none" is the default (measured with the default beta on real data: BENCHMARKS.md §1f); tbd
+    # distill sets EMBEDDED_PRETRAINED_GATE ("harmony") for a pretrained student on the embedded
+    # profile when the key is untouched (student_defaults; measured: BENCHMARKS.md §1e).
+    d.GATE = DEFAULT_GATE
     d.GATE_MARGIN = 0.05  # m: half-width of the ramp (m -> 0: a hard step at equality)
     # --- the student trained alone, side by side (METHODS.md §1.8) ------------------------------
     # Train a second copy of the student without distillation on the same batches, from the same
