@@ -44,7 +44,8 @@ MODES = tuple(g for g in GATES if g != "none")
 
 
 def _grad_share() -> Any:
-    """scripts/grad_share.py (its run loader), imported by path: scripts/ is not a package."""
+    """scripts/grad_share.py (its run loader and model builder), imported by path: scripts/ is not a
+    package."""
     spec = importlib.util.spec_from_file_location("grad_share", Path(__file__).with_name("grad_share.py"))
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -97,22 +98,11 @@ def summarise(
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-    from detectron2.utils.env import seed_all_rng
-
     from tbd.engine.trainer import Trainer
-    from tbd.engine.weights import load_initial_weights
 
-    cfg = _grad_share().load_run_cfg(args.run, args.device)
-    seed_all_rng(args.seed)
-    model = build_model(cfg)
-    if args.weights is None:  # the run's start: ImageNet / user weights, as the trainer loads them
-        if cfg.MODEL.WEIGHTS:
-            load_initial_weights(model, cfg.MODEL.WEIGHTS, cfg.TBD.ALLOW_PARTIAL_WEIGHTS)
-    else:
-        DetectionCheckpointer(model).load(str(args.weights))
-    model.train()
+    grad_share = _grad_share()
+    cfg = grad_share.load_run_cfg(args.run, args.device)
+    model = grad_share.build_run_model(cfg, args.weights, args.seed)
     loader = iter(Trainer.build_train_loader(cfg))
     teacher: list[TaskMaps] = []
     student: list[TaskMaps] = []

@@ -80,26 +80,35 @@ def flat(grads: list[torch.Tensor | None], params: list[torch.nn.Parameter]) -> 
     )
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+def build_run_model(cfg: Any, weights: Path | None, seed: int) -> Any:
+    """The run's distiller in training mode, its student at ``weights`` (a checkpoint the run wrote:
+    student, adapters, TWG) or, for ``None``, at the run's start (ImageNet / user weights, loaded as
+    the trainer loads them)."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
     from detectron2.utils.env import seed_all_rng
 
-    from tbd.engine.trainer import Trainer
     from tbd.engine.weights import load_initial_weights
+
+    seed_all_rng(seed)
+    model = build_model(cfg)
+    if weights is None:
+        if cfg.MODEL.WEIGHTS:
+            load_initial_weights(model, cfg.MODEL.WEIGHTS, cfg.TBD.ALLOW_PARTIAL_WEIGHTS)
+    else:
+        DetectionCheckpointer(model).load(str(weights))
+    model.train()
+    return model
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from tbd.engine.trainer import Trainer
 
     cfg = load_run_cfg(args.run, args.device)
     if args.override:
         cfg.merge_from_list(args.override)
-    seed_all_rng(args.seed)
-    model = build_model(cfg)
+    model = build_run_model(cfg, args.weights, args.seed)
     weights = args.weights or cfg.MODEL.WEIGHTS
-    if args.weights is None:  # the run's start: ImageNet / user weights, as the trainer loads them
-        if cfg.MODEL.WEIGHTS:
-            load_initial_weights(model, cfg.MODEL.WEIGHTS, cfg.TBD.ALLOW_PARTIAL_WEIGHTS)
-    else:  # a checkpoint the run wrote (student, adapters, TWG)
-        DetectionCheckpointer(model).load(str(args.weights))
-    model.train()
     named = [(n, p) for n, p in model.student.named_parameters() if p.requires_grad]
     by_group = {g: [p for n, p in named if group_of(n) == g] for g in GROUPS}
     params = [p for g in GROUPS for p in by_group[g]]

@@ -84,6 +84,30 @@ def save_random_teacher(root: Path, num_classes: int = 2) -> Path:
     return root / "teacher.pth"
 
 
+def tiny_distill_run(root: Path) -> Path:
+    """A one-iteration ``tbd distill`` run on tiny user data (6 train / 2 val images of 64 px), random
+    R-18 RetinaNet teacher, R-18 student from scratch; returns its output folder ``root/run``."""
+    from tbd.cli.main import main
+
+    train_json, train_images = write_tiny_coco(root / "train", num_images=6, seed=1)
+    val_json, val_images = write_tiny_coco(root / "val", num_images=2, seed=2)
+    teacher = save_random_teacher(root)
+    out = root / "run"
+    argv = [
+        "distill", "--teacher-config", "retinanet_R18_FPN", "--teacher-weights", str(teacher),
+        "--student", "r18", "--head", "retinanet", "--iters", "1", "--no-harmony", "--eval-period", "0",
+        "--train-json", str(train_json), "--train-images", str(train_images),
+        "--val-json", str(val_json), "--val-images", str(val_images),
+        "--batch-size", "2", "--device", "cpu", "--profile", "embedded", "--output", str(out),
+        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TBD_DATA_DIR", str(root / "cache"))
+        assert main(argv) == 0
+    return out
+
+
 @pytest.fixture
 def tiny_coco(tmp_path: Path) -> str:
     """A registered tiny COCO dataset; returns its Detectron2 name."""

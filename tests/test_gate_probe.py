@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_random_teacher, write_tiny_coco
+from conftest import tiny_distill_run
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 import tbd.distill.distiller as distiller_module
-from tbd.cli.main import main
 from tbd.distill.losses import TaskMaps
 from tbd.distill.testing import distill_config, synthetic_batch
 
@@ -84,22 +83,8 @@ def test_probe_maps_are_the_ones_the_training_step_gates_with(monkeypatch) -> No
 
 
 @pytest.mark.usefixtures("isolated_cli")
-def test_gate_probe_on_a_run(tmp_path: Path, monkeypatch) -> None:
-    train_json, train_images = write_tiny_coco(tmp_path / "train", num_images=4, seed=1)
-    val_json, val_images = write_tiny_coco(tmp_path / "val", num_images=2, seed=2)
-    teacher = save_random_teacher(tmp_path)
-    out = tmp_path / "run"
-    monkeypatch.setenv("TBD_DATA_DIR", str(tmp_path / "cache"))
-    argv = [
-        "distill", "--teacher-config", "retinanet_R18_FPN", "--teacher-weights", str(teacher),
-        "--student", "r18", "--head", "retinanet", "--iters", "1", "--no-harmony", "--eval-period", "0",
-        "--train-json", str(train_json), "--train-images", str(train_images),
-        "--val-json", str(val_json), "--val-images", str(val_images),
-        "--batch-size", "2", "--device", "cpu", "--profile", "embedded", "--output", str(out),
-        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    ]  # fmt: skip
-    assert main(argv) == 0
+def test_gate_probe_on_a_run(tmp_path: Path) -> None:
+    out = tiny_distill_run(tmp_path)
     result_path = tmp_path / "gates.json"
     gate_probe.main(["--run", str(out), "--batches", "2", "--json", str(result_path)])
     result = json.loads(result_path.read_text())

@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import save_random_teacher, write_tiny_coco
-
-from tbd.cli.main import main
+from conftest import tiny_distill_run
 
 pytestmark = pytest.mark.usefixtures("isolated_cli", "one_torch_thread")
 
@@ -25,24 +23,7 @@ _spec.loader.exec_module(grad_share)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-iteration distillation run on tiny user data: random R-18 RetinaNet teacher, R-18 student."""
-    root = tmp_path_factory.mktemp("grad_share")
-    train_json, train_images = write_tiny_coco(root / "train", num_images=6, seed=1)
-    val_json, val_images = write_tiny_coco(root / "val", num_images=2, seed=2)
-    teacher = save_random_teacher(root)
-    out = root / "run"
-    argv = [
-        "distill", "--teacher-config", "retinanet_R18_FPN", "--teacher-weights", str(teacher),
-        "--student", "r18", "--head", "retinanet", "--iters", "1", "--no-harmony", "--eval-period", "0",
-        "--train-json", str(train_json), "--train-images", str(train_images),
-        "--val-json", str(val_json), "--val-images", str(val_images),
-        "--batch-size", "2", "--device", "cpu", "--profile", "embedded", "--output", str(out),
-        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TBD_DATA_DIR", str(root / "cache"))
-        assert main(argv) == 0
-    return out
+    return tiny_distill_run(tmp_path_factory.mktemp("grad_share"))
 
 
 def _measure(run: Path, tmp_path: Path, name: str, *override: str) -> dict[str, Any]:
