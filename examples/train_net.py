@@ -22,6 +22,7 @@ from detectron2.evaluation import COCOEvaluator
 from tbd.config import CONFIG_DIR, get_cfg
 from tbd.data import num_classes, register_shapes, register_user_coco
 from tbd.distill import TBDistiller, export_student
+from tbd.distill.hooks import insert_distill_hooks
 from tbd.engine.optim import build_optimizer
 from tbd.summaries import summarize_run, summary_options
 from tbd.teachers import resolve_teacher
@@ -40,6 +41,11 @@ class DistillTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "eval"))
+
+    def build_hooks(self):
+        # TBD: at each TEST.EVAL_PERIOD, the student trained alone (DISTILL.WITH_BASELINE) and alpha
+        # following the teacher's lead (DISTILL.LEAD_HD_WEIGHT)
+        return insert_distill_hooks(self, super().build_hooks(), self.cfg)
 
 
 def register_datasets(args):
@@ -65,7 +71,7 @@ def build_cfg(args):
     cfg.DISTILL.TEACHER_WEIGHTS = args.teacher_weights
     cfg.DISTILL.TEACHER_OPTS = [x for key in classes for x in (key, n)]
     # TBD: the opts DISTILL.WITH_BASELINE True also train the student alone on the same batches (the
-    # yardstick of the gain); evaluate it with tbd.distill.baseline.insert_baseline_hook in build_hooks
+    # yardstick of the gain), evaluated beside the distilled one by the hooks of build_hooks
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     return cfg

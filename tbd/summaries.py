@@ -213,6 +213,14 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         rows["student"].get("bbox", {}), alone["bbox"] if alone else None, cfg.DISTILL.BASELINE_MARGIN
     )
     console.print(f"[yellow]warning:[/] {note}" if level == "warning" else f"{note}", soft_wrap=True)
+    alphas = alpha_history(Path(cfg.OUTPUT_DIR) / "metrics.json")
+    if cfg.DISTILL.LEAD_HD_WEIGHT > 0:
+        steps = ", ".join(f"{a:g} from iteration {i + 1}" for i, a in alphas) or "no periodic evaluation"
+        console.print(
+            f"alpha (DISTILL.LEAD_HD_WEIGHT {cfg.DISTILL.LEAD_HD_WEIGHT:g} while the teacher leads by more "
+            f"than {cfg.DISTILL.LEAD_MARGIN:g} AP): {cfg.DISTILL.HD_WEIGHT:g} at the start, {steps}",
+            soft_wrap=True,
+        )
     h = rows["student"].get("harmony") or rows["teacher"].get("harmony") or {}
     if h:
         console.print(
@@ -258,6 +266,9 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         "distill": {
             "method": cfg.DISTILL.METHOD,
             "hd_weight": cfg.DISTILL.HD_WEIGHT,
+            "lead_hd_weight": cfg.DISTILL.LEAD_HD_WEIGHT,
+            "lead_margin": cfg.DISTILL.LEAD_MARGIN,
+            "hd_weight_at": [{"iteration": i, "hd_weight": a} for i, a in alphas],
             "tfd_weight": cfg.DISTILL.TFD_WEIGHT,
             "mimic_weight": cfg.DISTILL.MIMIC_WEIGHT,
             "feature_norm": cfg.DISTILL.FEATURE_NORM,
@@ -270,6 +281,22 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         },
     }
     return summary
+
+
+def alpha_history(metrics_json: Path) -> list[tuple[int, float]]:
+    """``(iteration, alpha)`` of every choice of the teacher-lead rule logged in ``metrics.json``
+    (``tbd/hd_weight``); empty when the rule is off or the run has no such file."""
+    if not metrics_json.is_file():
+        return []
+    out = []
+    for line in metrics_json.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a killed writer
+            continue
+        if "tbd/hd_weight" in row:
+            out.append((int(row.get("iteration", -1)), float(row["tbd/hd_weight"])))
+    return out
 
 
 def summary_options(

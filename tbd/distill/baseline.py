@@ -75,7 +75,8 @@ def split_losses(
     return main, alone
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside (Distributed)DataParallel wrappers."""
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
@@ -83,13 +84,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def baseline_of(model: nn.Module) -> nn.Module | None:
     """The baseline student of a (wrapped) distiller, or ``None``."""
-    found = getattr(_unwrap(model), "baseline", None)
+    found = getattr(unwrap(model), "baseline", None)
     return found if isinstance(found, nn.Module) else None
 
 
 def sync_baseline(model: nn.Module) -> None:
     """Copy the student's weights into the baseline of a (wrapped) distiller; no-op otherwise."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if baseline_of(inner) is not None:
         inner.sync_baseline()
 
@@ -105,6 +106,55 @@ def with_harmony(evaluator: Any, dataset_name: str) -> Any:
         for key, score in HARMONY_KEYS
     ]
     return DatasetEvaluators([evaluator, *harmony])
+
+
+#: the ``teacher_ap`` buffer before the teacher was evaluated (an AP is never negative)
+NOT_MEASURED_AP = -1.0
+
+
+def measured_ap(results: Any) -> float | None:
+    """The AP of an evaluation for the rule: a model that detected nothing (COCO AP NaN) has AP 0;
+    ``None`` when there is no bbox result at all (not evaluated here, e.g. off the main process)."""
+    bbox = (results or {}).get("bbox") if isinstance(results, dict) else None
+    if not bbox or bbox.get("AP") is None:
+        return None
+    value = float(bbox["AP"])
+    return 0.0 if math.isnan(value) else value
+
+
+def evaluate_model(trainer: Any, cfg: CfgNode, model: nn.Module) -> dict[str, Any]:
+    """``trainer.test(cfg, model)`` in eval mode (the model's mode is restored); ``{}`` off the main
+    process."""
+    was_training = model.training
+    model.eval()
+    try:
+        return dict(trainer.test(cfg, model) or {})
+    finally:
+        model.train(was_training)
+
+
+def evaluate_teacher(trainer: Any, cfg: CfgNode, distiller: nn.Module, log: bool = True) -> dict[str, Any]:
+    """The teacher's results on the student's test set at the student's test size, logged under
+    :data:`TEACHER_PREFIX` (``log``) and kept in the distiller's ``teacher_ap`` buffer when it has one
+    (``DISTILL.LEAD_HD_WEIGHT``)."""
+    from tbd.config_keys import teacher_config
+
+    t_cfg = teacher_config(cfg)
+    t_cfg.defrost()
+    t_cfg.DATASETS.TEST = cfg.DATASETS.TEST
+    t_cfg.INPUT.MIN_SIZE_TEST = cfg.INPUT.MIN_SIZE_TEST
+    t_cfg.INPUT.MAX_SIZE_TEST = cfg.INPUT.MAX_SIZE_TEST
+    t_cfg.DISTILL.WITH_BASELINE = True  # tbd's evaluators then add the harmony measurements
+    t_cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR) / "teacher_eval")
+    results = evaluate_model(trainer, t_cfg, distiller.teacher)
+    if log and results:
+        flat = {TEACHER_PREFIX + k: float(v) for k, v in flatten_results_dict(results).items()}
+        trainer.storage.put_scalars(**flat, smoothing_hint=False)
+    if hasattr(distiller, "teacher_ap"):
+        ap = comm.all_gather(measured_ap(results))[0]  # the main process evaluated
+        distiller.teacher_ap.fill_(NOT_MEASURED_AP if ap is None else ap)
+    comm.synchronize()
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +191,7 @@ def behind_message(
 class BaselineHook(HookBase):
     """Evaluate the student trained alone whenever the distilled student is evaluated.
 
-    Place it right after Detectron2's ``EvalHook`` (:func:`insert_baseline_hook`): it runs at the
+    Place it right after Detectron2's ``EvalHook`` (:func:`tbd.distill.hooks.insert_distill_hooks`): it runs at the
     same iterations, reads the distilled student's results from ``trainer._last_eval_results``
     (``DefaultTrainer``'s), evaluates the baseline with ``trainer.test`` and puts its metrics in
     the ``EventStorage`` under ``baseline/`` (``metrics.json``, TensorBoard), with
@@ -159,15 +209,10 @@ class BaselineHook(HookBase):
 
     # --- evaluation ----------------------------------------------------------------------------
     def _distiller(self) -> nn.Module:
-        return _unwrap(self.trainer.model)
+        return unwrap(self.trainer.model)
 
     def _evaluate(self, cfg: CfgNode, model: nn.Module) -> dict[str, Any]:
-        was_training = model.training
-        model.eval()
-        try:
-            return dict(self.trainer.test(cfg, model) or {})
-        finally:
-            model.train(was_training)
+        return evaluate_model(self.trainer, cfg, model)
 
     def _put(self, prefix: str, results: Mapping[str, Any]) -> None:
         if not results:
@@ -180,17 +225,7 @@ class BaselineHook(HookBase):
         if self.trainer.start_iter > 0:  # resumed: the teacher was logged by the first run
             self._maybe_recheck_after_resume(distiller)
             return
-        from tbd.config_keys import teacher_config
-
-        t_cfg = teacher_config(self.cfg)
-        t_cfg.defrost()
-        t_cfg.DATASETS.TEST = self.cfg.DATASETS.TEST
-        t_cfg.INPUT.MIN_SIZE_TEST = self.cfg.INPUT.MIN_SIZE_TEST
-        t_cfg.INPUT.MAX_SIZE_TEST = self.cfg.INPUT.MAX_SIZE_TEST
-        t_cfg.DISTILL.WITH_BASELINE = True  # tbd's evaluators then add the harmony measurements
-        t_cfg.OUTPUT_DIR = str(Path(self.cfg.OUTPUT_DIR) / "teacher_eval")
-        self._put(TEACHER_PREFIX, self._evaluate(t_cfg, distiller.teacher))
-        comm.synchronize()
+        evaluate_teacher(self.trainer, self.cfg, distiller)
 
     def _maybe_recheck_after_resume(self, distiller: nn.Module) -> None:
         """A periodic checkpoint is written before the evaluation of its iteration: when the guard
@@ -248,21 +283,6 @@ def _console_warning(message: str) -> None:
     from tbd.ui import console
 
     console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
-
-
-def insert_baseline_hook(trainer: Any, hooks: list[HookBase], cfg: CfgNode) -> list[HookBase]:
-    """``hooks`` with a :class:`BaselineHook` right after the ``EvalHook`` (before the writers),
-    when the trainer's model has a baseline; ``hooks`` unchanged otherwise.
-
-    In a ``DefaultTrainer`` subclass: ``return insert_baseline_hook(self, super().build_hooks(), self.cfg)``.
-    """
-    from detectron2.engine.hooks import EvalHook
-
-    if baseline_of(trainer.model) is None:
-        return hooks
-    hook = BaselineHook(cfg, cfg.TEST.EVAL_PERIOD)
-    at = next((i + 1 for i, h in enumerate(hooks) if isinstance(h, EvalHook)), len(hooks))
-    return [*hooks[:at], hook, *hooks[at:]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,6 +99,12 @@ def add_tbd_config(cfg: CN) -> None:
     d.MIMIC_WEIGHT = 0.4
     # --- losses ---------------------------------------------------------------------------------
     d.HD_WEIGHT = 1.0  # alpha
+    # alpha while the teacher leads: at every periodic evaluation (TEST.EVAL_PERIOD) alpha becomes
+    # LEAD_HD_WEIGHT when the teacher's AP (evaluated once, at the start) exceeds the distilled
+    # student's by more than LEAD_MARGIN AP points, and HD_WEIGHT otherwise (tbd/distill/lead.py,
+    # METHODS.md §1.10). 0 = off (alpha stays HD_WEIGHT).
+    d.LEAD_HD_WEIGHT = 0.0
+    d.LEAD_MARGIN = 1.0
     # beta, for a pretrained (ImageNet) student in Detectron2's setting (FrozenBN, SGD), what real
     # users have; tbd distill sets SCRATCH_TFD_WEIGHT for a student from scratch and
     # EMBEDDED_PRETRAINED_TFD_WEIGHT for a pretrained one on the embedded profile (measured:
@@ -177,6 +183,11 @@ def validate_tbd_config(cfg: CN) -> None:
     if d.HD_WEIGHT < 0 or d.TFD_WEIGHT < 0 or d.MIMIC_WEIGHT < 0:
         raise ValueError(
             "DISTILL.HD_WEIGHT, DISTILL.TFD_WEIGHT and DISTILL.MIMIC_WEIGHT must be non-negative"
+        )
+    if d.LEAD_HD_WEIGHT < 0 or d.LEAD_MARGIN < 0:
+        raise ValueError(
+            f"DISTILL.LEAD_HD_WEIGHT = {d.LEAD_HD_WEIGHT}, DISTILL.LEAD_MARGIN = {d.LEAD_MARGIN}: both must "
+            "be non-negative (LEAD_HD_WEIGHT 0 switches the teacher-lead rule off)"
         )
     if d.GATE_MARGIN < 0:
         raise ValueError(f"DISTILL.GATE_MARGIN = {d.GATE_MARGIN}; expected m >= 0")

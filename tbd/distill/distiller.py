@@ -57,6 +57,8 @@ class TBDistiller(nn.Module):
         teacher, student: Detectron2 models with a registered probe adapter (RetinaNet, FCOS,
             GeneralizedRCNN, ...). The teacher is frozen here.
         hd_weight, tfd_weight: alpha and beta.
+        lead_hd_weight: alpha while the teacher leads the student by more than ``DISTILL.LEAD_MARGIN``
+            AP at an evaluation (:mod:`tbd.distill.lead`); 0: alpha stays ``hd_weight``.
         hd_mode: ``"iou_guided"`` or ``"plain"``; pc_mode: see
             :func:`tbd.distill.task_probs.classification_probability`.
         tfd_mode: ``"twg"`` (learned task weights) or ``"fixed"`` (``tfd_cls_weight``,
@@ -86,6 +88,7 @@ class TBDistiller(nn.Module):
         student: nn.Module,
         *,
         hd_weight: float = 1.0,
+        lead_hd_weight: float = 0.0,
         tfd_weight: float = 0.4,
         hd_mode: str = "iou_guided",
         pc_mode: str = "sigmoid",
@@ -162,6 +165,16 @@ class TBDistiller(nn.Module):
             "fixed_task_weights", torch.tensor([tfd_cls_weight, tfd_reg_weight], dtype=torch.float32), False
         )
         self.hd_weight = float(hd_weight)
+        if lead_hd_weight < 0:
+            raise ValueError(f"the lead harmony weight must be non-negative, got {lead_hd_weight}")
+        self.lead_hd_weight = float(lead_hd_weight)
+        if self.lead_hd_weight > 0:
+            # DISTILL.LEAD_HD_WEIGHT (tbd/distill/lead.py): the alpha in use, set by TeacherLeadHook at
+            # each evaluation, the teacher's AP it compares with, and the last iteration compared;
+            # checkpointed, so a resumed run keeps them
+            self.register_buffer("hd_alpha", torch.tensor(self.hd_weight, dtype=torch.float32))
+            self.register_buffer("teacher_ap", torch.tensor(-1.0, dtype=torch.float32))  # -1: not yet
+            self.register_buffer("lead_checked_iter", torch.tensor(-1, dtype=torch.int64))
         self.tfd_weight = float(tfd_weight)
         self.hd_mode = hd_mode
         self.pc_mode = pc_mode
@@ -216,6 +229,7 @@ class TBDistiller(nn.Module):
             "teacher": teacher,
             "student": student,
             "hd_weight": d.HD_WEIGHT,
+            "lead_hd_weight": d.LEAD_HD_WEIGHT,
             "tfd_weight": d.TFD_WEIGHT,
             "hd_mode": d.HD_MODE,
             "pc_mode": d.PC_MODE,
@@ -486,7 +500,7 @@ class TBDistiller(nn.Module):
         scalars: dict[str, float] = {}
 
         hd = zero
-        if self.hd_weight > 0:
+        if self.hd_weight > 0 or self.lead_hd_weight > 0:
             hd = harmony_distillation_loss(t_maps, s_maps, self.hd_mode, gates)
             scalars["tbd/hd"] = hd.item()
 
@@ -505,7 +519,8 @@ class TBDistiller(nn.Module):
                 for stride, w_cls in zip(self.strides, weights[..., 0].mean(dim=0).tolist()):
                     scalars[f"tbd/twg_w_cls_s{stride}"] = w_cls
         _put_scalars(scalars)
-        return {"loss_hd": self.hd_weight * hd, "loss_tfd": self.tfd_weight * tfd}
+        alpha = self.hd_alpha.to(hd.dtype) if self.lead_hd_weight > 0 else self.hd_weight
+        return {"loss_hd": alpha * hd, "loss_tfd": self.tfd_weight * tfd}
 
     def feature_distances(
         self, t_levels: Sequence[LevelPrediction], s_levels: Sequence[LevelPrediction]

@@ -34,11 +34,11 @@ from tbd import compat, jsonio
 from tbd.distill.baseline import (
     BASELINE_PREFIX,
     baseline_of,
-    insert_baseline_hook,
     split_losses,
     sync_baseline,
     with_harmony,
 )
+from tbd.distill.hooks import insert_distill_hooks
 from tbd.engine.checkpoint import AtomicDetectionCheckpointer, remove_stale_temporaries
 from tbd.engine.data import PositionSeededDataset, ResumableTrainingSampler, replay_grouping
 from tbd.engine.optim import build_optimizer
@@ -367,7 +367,7 @@ class Trainer(DefaultTrainer):
         self.checkpointer = AtomicDetectionCheckpointer(
             self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        built = insert_baseline_hook(self, super().build_hooks(), cfg)
+        built = insert_distill_hooks(self, super().build_hooks(), cfg)
         self._stop_hook = _StopOnSignal(self.checkpointer)
         extra: list[HookBase] = [self._stop_hook, _ModelRunningState(self._trainer.model)]
         if self._show_progress and comm.is_main_process():
