@@ -215,11 +215,8 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
     console.print(f"[yellow]warning:[/] {note}" if level == "warning" else f"{note}", soft_wrap=True)
     alphas = alpha_history(Path(cfg.OUTPUT_DIR) / "metrics.json")
     if cfg.DISTILL.LEAD_HD_WEIGHT > 0:
-        steps = ", ".join(f"{a:g} from iteration {i + 1}" for i, a in alphas) or "no periodic evaluation"
         console.print(
-            f"alpha (DISTILL.LEAD_HD_WEIGHT {cfg.DISTILL.LEAD_HD_WEIGHT:g} while the teacher leads by more "
-            f"than {cfg.DISTILL.LEAD_MARGIN:g} AP): {cfg.DISTILL.HD_WEIGHT:g} at the start, {steps}",
-            soft_wrap=True,
+            alpha_note(cfg.DISTILL.HD_WEIGHT, cfg.DISTILL.LEAD_HD_WEIGHT, cfg.DISTILL.LEAD_MARGIN, alphas)
         )
     h = rows["student"].get("harmony") or rows["teacher"].get("harmony") or {}
     if h:
@@ -297,6 +294,21 @@ def alpha_history(metrics_json: Path) -> list[tuple[int, float]]:
         if "tbd/hd_weight" in row:
             out.append((int(row.get("iteration", -1)), float(row["tbd/hd_weight"])))
     return out
+
+
+def alpha_note(hd_weight: float, lead: float, margin: float, alphas: list[tuple[int, float]]) -> str:
+    """One line on what the teacher-lead rule did: α at the start and each change, with its iteration."""
+    rule = f"DISTILL.LEAD_HD_WEIGHT {lead:g} while the teacher leads the distilled student by more than {margin:g} AP"
+    if not alphas:
+        return f"alpha stayed {hd_weight:g}: no periodic evaluation, so the rule ({rule}) never compared"
+    changes, current = [], hd_weight
+    for iteration, alpha in alphas:
+        if alpha != current:
+            changes.append(f"{current:g} -> {alpha:g} after iteration {iteration + 1}")
+            current = alpha
+    if not changes:
+        return f"alpha stayed {hd_weight:g} ({rule}: it did not, at {len(alphas)} evaluation(s))"
+    return f"alpha {', '.join(changes)} ({rule})"
 
 
 def summary_options(

@@ -22,6 +22,7 @@ from tbd.distill.config import validate_tbd_config
 from tbd.distill.lead import TeacherLeadHook, lead_alpha
 from tbd.distill.testing import distill_config, synthetic_batch
 from tbd.engine.trainer import Trainer
+from tbd.summaries import alpha_history, alpha_note
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,6 +41,14 @@ def test_the_rule_by_hand() -> None:
     assert lead_alpha(None, 5.0, 1.0, 3.0, 1.0) == 1.0
     assert lead_alpha(14.7, None, 1.0, 3.0, 1.0) == 1.0
     assert lead_alpha(14.7, 5.9, 1.0, 0.0, 1.0) == 1.0
+
+
+def test_the_end_of_run_line_says_what_the_rule_did() -> None:
+    assert alpha_note(1.0, 3.0, 1.0, []).startswith("alpha stayed 1: no periodic evaluation")
+    assert alpha_note(1.0, 3.0, 1.0, [(99, 1.0)]).startswith("alpha stayed 1 (")
+    assert alpha_note(1.0, 3.0, 1.0, [(99, 3.0), (199, 3.0), (299, 1.0)]).startswith(
+        "alpha 1 -> 3 after iteration 100, 3 -> 1 after iteration 300 ("
+    )
 
 
 def test_negative_lead_keys_are_refused() -> None:
@@ -137,12 +146,14 @@ def test_a_trailing_teacher_leaves_the_run_as_it_was_and_a_leading_one_raises_al
     a, b = _student(off), _student(trailing)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the rule switched off
     rows = [json.loads(x) for x in (tmp_path / "trailing" / "metrics.json").read_text().splitlines()]
-    assert any("teacher/bbox/AP" in r for r in rows) and any("tbd/hd_weight" in r for r in rows)
+    assert any("teacher/bbox/AP" in r for r in rows)
+    assert alpha_history(tmp_path / "trailing" / "metrics.json") == [(1, 1.0)]  # read back for summary.json
 
     # a teacher far ahead (its AP set as if evaluated at 90): alpha 3 from the step after the evaluation
     leading = _trainer(_cfg(tiny_coco, tmp_path / "leading", lead=3.0), teacher_ap=90.0)
     leading.train()
     assert _history(leading, "tbd/hd_weight") == [3.0] and float(leading.model.hd_alpha) == 3.0
+    assert alpha_history(tmp_path / "leading" / "metrics.json") == [(1, 3.0)]
     hd = _history(leading, "tbd/hd")
     weighted = _history(leading, "loss_hd")
     ratios = [w / h for w, h in zip(weighted, hd)]
