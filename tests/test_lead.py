@@ -91,6 +91,13 @@ def test_the_harmony_loss_is_weighted_by_the_alpha_in_use() -> None:
     led = losses(3.0, 3.0)
     assert led["loss_hd"].item() == pytest.approx(3 * off["loss_hd"].item(), rel=1e-6)
     assert torch.equal(led["loss_tfd"], off["loss_tfd"])
+    # a peer method has no harmony term: nothing for the rule to weight, no state for it
+    peer = distill_config(
+        "retinanet_R18_FPN",
+        "retinanet_R18_FPN",
+        [*opts, "DISTILL.METHOD", "mimic_mse", "DISTILL.LEAD_HD_WEIGHT", "3.0"],
+    )
+    assert not hasattr(build_model(peer), "hd_alpha")
 
 
 def _cfg(dataset: str, out: Path, lead: float, iters: int = 4) -> object:
@@ -118,7 +125,7 @@ def _trainer(cfg, resume: bool = False, teacher_ap: float | None = None) -> Trai
     trainer = Trainer(cfg, progress=False)
     trainer.resume_or_load(resume=resume)
     if teacher_ap is not None:  # as if the teacher had been evaluated at that AP
-        trainer.model.teacher_ap.fill_(teacher_ap)
+        trainer.model.lead_ap.fill_(teacher_ap)
     return trainer
 
 
@@ -133,14 +140,19 @@ def _history(trainer: Trainer, key: str) -> list[float]:
 def test_a_trailing_teacher_leaves_the_run_as_it_was_and_a_leading_one_raises_alpha(
     tiny_coco: str, tmp_path: Path
 ) -> None:
-    off = _trainer(_cfg(tiny_coco, tmp_path / "off", lead=0.0))
+    off = _trainer(_cfg(tiny_coco, tmp_path / "off", lead=0.0))  # the rule switched off
     off.train()
     assert not any(isinstance(h, TeacherLeadHook) for h in off._hooks)
+    # no periodic evaluation: the rule can never compare, so no hook and no teacher evaluation for it
+    never = _cfg(tiny_coco, tmp_path / "never", lead=3.0, iters=1)
+    never.TEST.EVAL_PERIOD = 0
+    unevaluated = _trainer(never)
+    assert not any(isinstance(h, TeacherLeadHook) for h in unevaluated._hooks)
 
     # a random teacher detects nothing (AP 0): it does not lead the student, alpha stays 1
     trailing = _trainer(_cfg(tiny_coco, tmp_path / "trailing", lead=3.0))
     trailing.train()
-    assert float(trailing.model.teacher_ap) == pytest.approx(0.0, abs=1.0)  # evaluated at the start
+    assert float(trailing.model.lead_ap) == pytest.approx(0.0, abs=1.0)  # evaluated at the start
     assert _history(trailing, "tbd/hd_weight") == [1.0]  # one periodic evaluation (iteration 2 of 4)
     assert float(trailing.model.hd_alpha) == 1.0
     a, b = _student(off), _student(trailing)
@@ -172,7 +184,7 @@ def test_a_run_resumed_before_the_evaluation_redoes_the_choice(tiny_coco: str, t
     # the periodic checkpoint of iteration 2 is written before that iteration's evaluation
     saved = torch.load(tmp_path / "run" / "model_0000001.pth", weights_only=False)["model"]
     assert float(saved["hd_alpha"]) == 1.0 and int(saved["lead_checked_iter"]) == -1
-    assert float(saved["teacher_ap"]) == 90.0
+    assert float(saved["lead_ap"]) == 90.0
     (tmp_path / "run" / "last_checkpoint").write_text("model_0000001.pth")
 
     resumed = _trainer(cfg, resume=True)
@@ -182,3 +194,31 @@ def test_a_run_resumed_before_the_evaluation_redoes_the_choice(tiny_coco: str, t
     state = resumed.model.state_dict()
     for key, value in reference.items():
         assert torch.equal(state[key], value), key
+
+
+def test_the_rule_is_on_where_it_was_measured_unless_the_user_sets_it(tmp_path: Path) -> None:
+    from tbd.data.shapes import register_shapes
+    from tbd.distill.config import PRETRAINED_LEAD_HD_WEIGHT, UNMEASURED_LEAD_HD_WEIGHT
+    from tbd.teachers import distill_config as build_distill_config
+
+    _, val = register_shapes(tmp_path, num_train=4, num_val=2)  # lazy: only the class names are read
+
+    def lead(weights: str, opts: list[str] | None = None, profile: str = "") -> float:
+        student = load_config("tood_MNV2_FPN")
+        student.MODEL.WEIGHTS = weights
+        student.TBD.PROFILE = profile
+        return build_distill_config(
+            student, "tood_MNV2_FPN_teacher", "", val, opts=opts
+        ).DISTILL.LEAD_HD_WEIGHT
+
+    assert (PRETRAINED_LEAD_HD_WEIGHT, UNMEASURED_LEAD_HD_WEIGHT) == (3.0, 0.0)
+    imagenet = "torchvision://mobilenet_v2"
+    # measured for an ImageNet student in Detectron2's setting (BENCHMARKS.md §1h): on there, and in
+    # a train_net.py (the config's own default)
+    assert load_config("tood_MNV2_FPN").DISTILL.LEAD_HD_WEIGHT == PRETRAINED_LEAD_HD_WEIGHT
+    assert lead(imagenet) == lead(imagenet, profile="custom") == lead(imagenet, profile="coco") == 3.0
+    # not measured on the embedded profile nor for students from scratch: off there
+    assert lead(imagenet, profile="embedded") == lead("") == lead("", profile="custom") == 0.0
+    # the user's value wins either way
+    assert lead("", ["DISTILL.LEAD_HD_WEIGHT", "2.0"]) == 2.0
+    assert lead(imagenet, ["DISTILL.LEAD_HD_WEIGHT", "0.0"], profile="custom") == 0.0

@@ -108,7 +108,7 @@ def with_harmony(evaluator: Any, dataset_name: str) -> Any:
     return DatasetEvaluators([evaluator, *harmony])
 
 
-#: the ``teacher_ap`` buffer before the teacher was evaluated (an AP is never negative)
+#: the ``lead_ap`` buffer before the teacher was evaluated (an AP is never negative)
 NOT_MEASURED_AP = -1.0
 
 
@@ -135,7 +135,7 @@ def evaluate_model(trainer: Any, cfg: CfgNode, model: nn.Module) -> dict[str, An
 
 def evaluate_teacher(trainer: Any, cfg: CfgNode, distiller: nn.Module, log: bool = True) -> dict[str, Any]:
     """The teacher's results on the student's test set at the student's test size, logged under
-    :data:`TEACHER_PREFIX` (``log``) and kept in the distiller's ``teacher_ap`` buffer when it has one
+    :data:`TEACHER_PREFIX` (``log``) and kept in the distiller's ``lead_ap`` buffer when it has one
     (``DISTILL.LEAD_HD_WEIGHT``)."""
     from tbd.config_keys import teacher_config
 
@@ -150,9 +150,9 @@ def evaluate_teacher(trainer: Any, cfg: CfgNode, distiller: nn.Module, log: bool
     if log and results:
         flat = {TEACHER_PREFIX + k: float(v) for k, v in flatten_results_dict(results).items()}
         trainer.storage.put_scalars(**flat, smoothing_hint=False)
-    if hasattr(distiller, "teacher_ap"):
+    if hasattr(distiller, "lead_ap"):
         ap = comm.all_gather(measured_ap(results))[0]  # the main process evaluated
-        distiller.teacher_ap.fill_(NOT_MEASURED_AP if ap is None else ap)
+        distiller.lead_ap.fill_(NOT_MEASURED_AP if ap is None else ap)
     comm.synchronize()
     return results
 

@@ -31,6 +31,13 @@ PRETRAINED_TFD_WEIGHT = 0.01
 EMBEDDED_PRETRAINED_TFD_WEIGHT = 0.1
 #: beta for a student from scratch (MODEL.WEIGHTS empty), set by tbd distill when the key is untouched
 SCRATCH_TFD_WEIGHT = 0.4
+#: alpha while the teacher leads the distilled student, for a pretrained student in Detectron2's setting:
+#: DISTILL.LEAD_HD_WEIGHT's default (measured on real data: docs/BENCHMARKS.md §1h; with a teacher
+#: behind the student it never applies, so that teacher's gain is kept to the last digit)
+PRETRAINED_LEAD_HD_WEIGHT = 3.0
+#: DISTILL.LEAD_HD_WEIGHT where the rule was not measured (the embedded profile, students from
+#: scratch), set by tbd distill when the key is untouched: off, alpha stays DISTILL.HD_WEIGHT
+UNMEASURED_LEAD_HD_WEIGHT = 0.0
 #: DISTILL.GATE's default: the paper's ungated TBD, measured with PRETRAINED_TFD_WEIGHT on real data
 #: (docs/BENCHMARKS.md §1f) and for students from scratch (§1)
 DEFAULT_GATE = "none"
@@ -54,12 +61,16 @@ def student_tfd_weight(cfg: CN) -> None:
 
 def student_defaults(cfg: CN) -> None:
     """The settings measured for the student's setting, where a key still holds its default: β
-    (:func:`student_tfd_weight`) and, for a pretrained student on the embedded profile, the gate
-    (:data:`EMBEDDED_PRETRAINED_GATE`). A value set by the user is kept (apply the user's overrides
-    after this)."""
+    (:func:`student_tfd_weight`); for a pretrained student on the embedded profile, the gate
+    (:data:`EMBEDDED_PRETRAINED_GATE`); the teacher-lead rule only where it was measured (a
+    pretrained student in Detectron2's setting; :data:`UNMEASURED_LEAD_HD_WEIGHT` elsewhere). A value
+    set by the user is kept (apply the user's overrides after this)."""
     student_tfd_weight(cfg)
-    if cfg.MODEL.WEIGHTS and _profile(cfg) == "embedded" and cfg.DISTILL.GATE == DEFAULT_GATE:
+    embedded = _profile(cfg) == "embedded"
+    if cfg.MODEL.WEIGHTS and embedded and cfg.DISTILL.GATE == DEFAULT_GATE:
         cfg.DISTILL.GATE = EMBEDDED_PRETRAINED_GATE
+    if (not cfg.MODEL.WEIGHTS or embedded) and cfg.DISTILL.LEAD_HD_WEIGHT == PRETRAINED_LEAD_HD_WEIGHT:
+        cfg.DISTILL.LEAD_HD_WEIGHT = UNMEASURED_LEAD_HD_WEIGHT
 
 
 def _profile(cfg: CN) -> str:
@@ -102,8 +113,10 @@ def add_tbd_config(cfg: CN) -> None:
     # alpha while the teacher leads: at every periodic evaluation (TEST.EVAL_PERIOD) alpha becomes
     # LEAD_HD_WEIGHT when the teacher's AP (evaluated once, at the start) exceeds the distilled
     # student's by more than LEAD_MARGIN AP points, and HD_WEIGHT otherwise (tbd/distill/lead.py,
-    # METHODS.md §1.10). 0 = off (alpha stays HD_WEIGHT).
-    d.LEAD_HD_WEIGHT = 0.0
+    # METHODS.md §1.10). 0 = off (alpha stays HD_WEIGHT). The default is the one measured for a
+    # pretrained student in Detectron2's setting; tbd distill switches it off where it was not
+    # measured (embedded profile, students from scratch: student_defaults).
+    d.LEAD_HD_WEIGHT = PRETRAINED_LEAD_HD_WEIGHT
     d.LEAD_MARGIN = 1.0
     # beta, for a pretrained (ImageNet) student in Detectron2's setting (FrozenBN, SGD), what real
     # users have; tbd distill sets SCRATCH_TFD_WEIGHT for a student from scratch and

@@ -167,13 +167,14 @@ class TBDistiller(nn.Module):
         self.hd_weight = float(hd_weight)
         if lead_hd_weight < 0:
             raise ValueError(f"the lead harmony weight must be non-negative, got {lead_hd_weight}")
-        self.lead_hd_weight = float(lead_hd_weight)
+        # a peer method has no harmony term for the rule to weight
+        self.lead_hd_weight = float(lead_hd_weight) if method == "tbd" else 0.0
         if self.lead_hd_weight > 0:
             # DISTILL.LEAD_HD_WEIGHT (tbd/distill/lead.py): the alpha in use, set by TeacherLeadHook at
             # each evaluation, the teacher's AP it compares with, and the last iteration compared;
             # checkpointed, so a resumed run keeps them
             self.register_buffer("hd_alpha", torch.tensor(self.hd_weight, dtype=torch.float32))
-            self.register_buffer("teacher_ap", torch.tensor(-1.0, dtype=torch.float32))  # -1: not yet
+            self.register_buffer("lead_ap", torch.tensor(-1.0, dtype=torch.float32))  # -1: not yet
             self.register_buffer("lead_checked_iter", torch.tensor(-1, dtype=torch.int64))
         self.tfd_weight = float(tfd_weight)
         self.hd_mode = hd_mode

@@ -10,8 +10,10 @@ Both hooks go right after Detectron2's ``EvalHook`` (before the writers, so thei
 
 * :class:`~tbd.distill.baseline.BaselineHook`, when the model trains the student alone beside the
   distilled one (``DISTILL.WITH_BASELINE``);
-* :class:`~tbd.distill.lead.TeacherLeadHook`, when ``DISTILL.LEAD_HD_WEIGHT`` > 0 (α follows the
-  teacher's lead; it reuses the teacher's evaluation of the ``BaselineHook``).
+* :class:`~tbd.distill.lead.TeacherLeadHook`, when ``DISTILL.LEAD_HD_WEIGHT`` > 0 and the run is
+  evaluated periodically (``TEST.EVAL_PERIOD`` > 0, a test set): α follows the teacher's lead; it
+  reuses the teacher's evaluation of the ``BaselineHook``. Without periodic evaluation the rule never
+  compares, α stays ``DISTILL.HD_WEIGHT`` and the teacher is not evaluated for it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def insert_distill_hooks(trainer: Any, hooks: list[HookBase], cfg: CfgNode) -> l
     extra: list[HookBase] = []
     if baseline_of(trainer.model) is not None:
         extra.append(BaselineHook(cfg, cfg.TEST.EVAL_PERIOD))
-    if hasattr(unwrap(trainer.model), "hd_alpha"):
+    if hasattr(unwrap(trainer.model), "hd_alpha") and cfg.TEST.EVAL_PERIOD > 0 and cfg.DATASETS.TEST:
         extra.append(TeacherLeadHook(cfg, cfg.TEST.EVAL_PERIOD))
     if not extra:
         return hooks

@@ -69,7 +69,7 @@ class TeacherLeadHook(HookBase):
 
     def before_train(self) -> None:
         distiller = self._distiller()
-        if _teacher_ap(distiller.teacher_ap) is None:  # a fresh run, unless the BaselineHook measured it
+        if _teacher_ap(distiller.lead_ap) is None:  # a fresh run, unless the BaselineHook measured it
             evaluate_teacher(self.trainer, self.cfg, distiller, log=self.trainer.start_iter == 0)
         start = self.trainer.start_iter
         checked = int(distiller.lead_checked_iter)
@@ -79,7 +79,7 @@ class TeacherLeadHook(HookBase):
 
     def _decide(self, iteration: int, student_results: Any) -> None:
         distiller = self._distiller()
-        teacher_ap = _teacher_ap(distiller.teacher_ap)
+        teacher_ap = _teacher_ap(distiller.lead_ap)
         student_ap = comm.all_gather(measured_ap(student_results))[0]  # the main process evaluated
         alpha = lead_alpha(teacher_ap, student_ap, self.hd_weight, self.lead_hd_weight, self.margin)
         previous = float(distiller.hd_alpha)
