@@ -98,6 +98,13 @@ def test_the_harmony_loss_is_weighted_by_the_alpha_in_use() -> None:
         [*opts, "DISTILL.METHOD", "mimic_mse", "DISTILL.LEAD_HD_WEIGHT", "3.0"],
     )
     assert not hasattr(build_model(peer), "hd_alpha")
+    # HD switched off (the TFD-only ablation) stays off: the rule does not bring it back
+    no_hd = distill_config(
+        "retinanet_R18_FPN",
+        "retinanet_R18_FPN",
+        [*opts, "DISTILL.HD_WEIGHT", "0.0", "DISTILL.LEAD_HD_WEIGHT", "3.0"],
+    )
+    assert not hasattr(build_model(no_hd), "hd_alpha")
 
 
 def _cfg(dataset: str, out: Path, lead: float, iters: int = 4) -> object:

@@ -167,8 +167,9 @@ class TBDistiller(nn.Module):
         self.hd_weight = float(hd_weight)
         if lead_hd_weight < 0:
             raise ValueError(f"the lead harmony weight must be non-negative, got {lead_hd_weight}")
-        # a peer method has no harmony term for the rule to weight
-        self.lead_hd_weight = float(lead_hd_weight) if method == "tbd" else 0.0
+        # nothing for the rule to weight with a peer method (no harmony term) or with HD switched off
+        # (HD_WEIGHT 0, the TFD-only ablation: the rule does not switch it back on)
+        self.lead_hd_weight = float(lead_hd_weight) if method == "tbd" and hd_weight > 0 else 0.0
         if self.lead_hd_weight > 0:
             # DISTILL.LEAD_HD_WEIGHT (tbd/distill/lead.py): the alpha in use, set by TeacherLeadHook at
             # each evaluation, the teacher's AP it compares with, and the last iteration compared;
@@ -501,7 +502,7 @@ class TBDistiller(nn.Module):
         scalars: dict[str, float] = {}
 
         hd = zero
-        if self.hd_weight > 0 or self.lead_hd_weight > 0:
+        if self.hd_weight > 0:
             hd = harmony_distillation_loss(t_maps, s_maps, self.hd_mode, gates)
             scalars["tbd/hd"] = hd.item()
 
