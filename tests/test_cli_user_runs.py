@@ -176,6 +176,38 @@ def test_teacher_overrides_go_through_teacher_opts(
     assert "they do not reach the teacher: change its config with DISTILL.TEACHER_OPTS" in help_text
 
 
+def test_the_teacher_lead_rule_gets_evaluations_unless_the_user_chose_a_period(data: dict[str, Any]) -> None:
+    from tbd.cli import common, distill
+
+    teacher = ["--teacher-config", "retinanet_R18_FPN", "--teacher-weights", str(data["teacher"])]
+
+    def cfg_of(*extra: str):
+        argv = [
+            "distill",
+            *teacher,
+            *data["train"],
+            *data["val"],
+            "--device",
+            "cpu",
+            "--iters",
+            "200",
+            *extra,
+        ]
+        args = build_parser().parse_args(argv)
+        train, test = common.resolve_datasets(args)
+        return distill.build_distill_cfg(args, train, test, Path(args.teacher_config), args.teacher_weights)
+
+    # a user's own data: the custom profile, a pretrained student, the rule on by default; evaluated
+    # only at the end otherwise, so four comparisons are scheduled
+    cfg = cfg_of()
+    assert cfg.MODEL.WEIGHTS and cfg.DISTILL.LEAD_HD_WEIGHT == 3.0 and cfg.TEST.EVAL_PERIOD == 50
+    assert cfg_of("--eval-period", "0").TEST.EVAL_PERIOD == 0  # the user's choice, even "only at the end"
+    assert cfg_of("--eval-period", "30").TEST.EVAL_PERIOD == 30
+    assert cfg_of("TEST.EVAL_PERIOD", "0").TEST.EVAL_PERIOD == 0
+    assert cfg_of("DISTILL.LEAD_HD_WEIGHT", "0.0").TEST.EVAL_PERIOD == 0  # rule off: nothing to schedule
+    assert cfg_of("DISTILL.METHOD", "mimic_mse").TEST.EVAL_PERIOD == 0
+
+
 @pytest.mark.slow
 def test_seed_gives_bit_identical_runs_in_separate_processes(tmp_path: Path, data: dict[str, Any]) -> None:
     import subprocess

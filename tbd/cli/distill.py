@@ -143,7 +143,8 @@ def build_distill_cfg(
     cfg = student if student is not None else student_train_cfg(args, train, test)
     if cfg.MODEL.META_ARCHITECTURE == "TBDistiller":
         raise UsageError(f"{args.student} is already a distillation config; pass a student config")
-    return distill_config(
+    opts = [o for o in (args.opts or []) if o != "--"]
+    cfg = distill_config(
         cfg,
         teacher_config,
         teacher_weights,
@@ -151,7 +152,28 @@ def build_distill_cfg(
         teacher_amp=args.teacher_amp,
         with_baseline=getattr(args, "with_baseline", False),
         output=args.output,
-        opts=[o for o in (args.opts or []) if o != "--"],
+        opts=opts,
+    )
+    schedule_rule_evaluations(
+        cfg, chosen=getattr(args, "eval_period", None) is not None or "TEST.EVAL_PERIOD" in opts[::2]
+    )
+    return cfg
+
+
+def schedule_rule_evaluations(cfg: CfgNode, chosen: bool) -> None:
+    """The teacher-lead rule (DISTILL.LEAD_HD_WEIGHT) compares at periodic evaluations: when the run
+    has none and the user chose no period, evaluate RULE_EVALUATIONS times (and say so)."""
+    from tbd.distill.lead import RULE_EVALUATIONS, rule_eval_period
+
+    period = None if chosen else rule_eval_period(cfg)
+    if period is None:
+        return
+    cfg.TEST.EVAL_PERIOD = period
+    console.print(
+        f"evaluating every {period} iterations: DISTILL.LEAD_HD_WEIGHT raises alpha while the teacher leads "
+        f"the distilled student, compared at each evaluation ({RULE_EVALUATIONS} per run unless you set "
+        "--eval-period; --eval-period 0 leaves alpha at DISTILL.HD_WEIGHT)",
+        soft_wrap=True,
     )
 
 

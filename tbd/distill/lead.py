@@ -42,6 +42,22 @@ def lead_alpha(
     return lead_hd_weight if teacher_ap - student_ap > margin else hd_weight
 
 
+#: comparisons per run that ``tbd distill`` schedules for the rule when the run would otherwise be
+#: evaluated only at the end and the user chose no evaluation period
+RULE_EVALUATIONS = 4
+
+
+def rule_eval_period(cfg: CfgNode) -> int | None:
+    """The ``TEST.EVAL_PERIOD`` that lets the rule compare ``RULE_EVALUATIONS`` times in the run, when
+    it is on (``LEAD_HD_WEIGHT`` > 0 with HD on and ``METHOD`` tbd) and the run has no periodic
+    evaluation; ``None`` when nothing is to change (the caller keeps a period the user chose, 0 included)."""
+    d = cfg.DISTILL
+    if d.LEAD_HD_WEIGHT <= 0 or d.HD_WEIGHT <= 0 or d.METHOD != "tbd" or cfg.TEST.EVAL_PERIOD > 0:
+        return None
+    period = int(cfg.SOLVER.MAX_ITER) // RULE_EVALUATIONS
+    return period if period > 0 else None
+
+
 def _teacher_ap(buffer: torch.Tensor) -> float | None:
     value = float(buffer)
     return None if value < 0 else value
