@@ -214,7 +214,7 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
     )
     console.print(f"[yellow]warning:[/] {note}" if level == "warning" else f"{note}", soft_wrap=True)
     alphas = alpha_history(Path(cfg.OUTPUT_DIR) / "metrics.json")
-    if cfg.DISTILL.LEAD_HD_WEIGHT > 0 and cfg.DISTILL.METHOD == "tbd":
+    if cfg.DISTILL.LEAD_HD_WEIGHT > 0 and cfg.DISTILL.HD_WEIGHT > 0 and cfg.DISTILL.METHOD == "tbd":
         console.print(
             alpha_note(cfg.DISTILL.HD_WEIGHT, cfg.DISTILL.LEAD_HD_WEIGHT, cfg.DISTILL.LEAD_MARGIN, alphas)
         )

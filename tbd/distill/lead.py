@@ -77,8 +77,6 @@ class TeacherLeadHook(HookBase):
         self.hd_weight = float(cfg.DISTILL.HD_WEIGHT)
         self.lead_hd_weight = float(cfg.DISTILL.LEAD_HD_WEIGHT)
         self.margin = float(cfg.DISTILL.LEAD_MARGIN)
-        #: (iteration, teacher AP, student AP, alpha) of every comparison of this process
-        self.decisions: list[tuple[int, float | None, float | None, float]] = []
 
     def _distiller(self) -> nn.Module:
         return unwrap(self.trainer.model)
@@ -101,7 +99,6 @@ class TeacherLeadHook(HookBase):
         previous = float(distiller.hd_alpha)
         distiller.hd_alpha.fill_(alpha)
         distiller.lead_checked_iter.fill_(iteration)
-        self.decisions.append((iteration, teacher_ap, student_ap, alpha))
         if self.trainer.storage is not None:
             self.trainer.storage.put_scalar("tbd/hd_weight", alpha, smoothing_hint=False)
         if alpha != previous and comm.is_main_process():
