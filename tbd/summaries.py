@@ -283,17 +283,13 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
 def alpha_history(metrics_json: Path) -> list[tuple[int, float]]:
     """``(iteration, alpha)`` of every choice of the teacher-lead rule logged in ``metrics.json``
     (``tbd/hd_weight``); empty when the rule is off or the run has no such file."""
-    if not metrics_json.is_file():
-        return []
-    out = []
-    for line in metrics_json.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a killed writer
-            continue
-        if "tbd/hd_weight" in row:
-            out.append((int(row.get("iteration", -1)), float(row["tbd/hd_weight"])))
-    return out
+    from tbd.distill.baseline import metrics_rows
+
+    return [
+        (int(row.get("iteration", -1)), float(row["tbd/hd_weight"]))
+        for row in metrics_rows(metrics_json)
+        if "tbd/hd_weight" in row
+    ]
 
 
 def alpha_note(hd_weight: float, lead: float, margin: float, alphas: list[tuple[int, float]]) -> str:

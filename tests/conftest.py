@@ -84,6 +84,19 @@ def save_random_teacher(root: Path, num_classes: int = 2) -> Path:
     return root / "teacher.pth"
 
 
+def student_distill_cfg(test: str, weights: str, opts: list[str] | None = None, profile: str = ""):
+    """The config ``tbd distill`` builds for the MNV2 student with ``weights`` (empty: from scratch) on
+    ``profile`` and the user's ``opts``: where the settings measured per student (β, gate, the
+    teacher-lead rule) are applied."""
+    from tbd.config import load_config
+    from tbd.teachers import distill_config
+
+    student = load_config("tood_MNV2_FPN")
+    student.MODEL.WEIGHTS = weights
+    student.TBD.PROFILE = profile
+    return distill_config(student, "tood_MNV2_FPN_teacher", "", test, opts=opts)
+
+
 def tiny_distill_run(root: Path) -> Path:
     """A one-iteration ``tbd distill`` run on tiny user data (6 train / 2 val images of 64 px), random
     R-18 RetinaNet teacher, R-18 student from scratch; returns its output folder ``root/run``."""

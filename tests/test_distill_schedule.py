@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import student_distill_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
@@ -78,19 +79,13 @@ def test_a_bad_schedule_is_refused_naming_the_key() -> None:
 
 # ------------------------------------------------------------- beta by the student's initialisation
 def test_beta_follows_the_students_init_unless_the_user_sets_it(tmp_path: Path) -> None:
-    from tbd.config import load_config
     from tbd.data.shapes import register_shapes
     from tbd.distill.config import EMBEDDED_PRETRAINED_TFD_WEIGHT, PRETRAINED_TFD_WEIGHT, SCRATCH_TFD_WEIGHT
-    from tbd.teachers import distill_config as build_distill_config
 
     _, val = register_shapes(tmp_path, num_train=4, num_val=2)  # lazy: only the class names are read
 
     def beta(weights: str, opts: list[str] | None = None, profile: str = "") -> float:
-        student = load_config("tood_MNV2_FPN")
-        student.MODEL.WEIGHTS = weights
-        student.TBD.PROFILE = profile
-        cfg = build_distill_config(student, "tood_MNV2_FPN_teacher", "", val, opts=opts)
-        return cfg.DISTILL.TFD_WEIGHT
+        return student_distill_cfg(val, weights, opts, profile).DISTILL.TFD_WEIGHT
 
     assert (PRETRAINED_TFD_WEIGHT, EMBEDDED_PRETRAINED_TFD_WEIGHT, SCRATCH_TFD_WEIGHT) == (0.01, 0.1, 0.4)
     imagenet = "torchvision://mobilenet_v2"
@@ -109,15 +104,11 @@ def test_gate_follows_the_students_init_and_profile_unless_the_user_sets_it(tmp_
     from tbd.config import load_config
     from tbd.data.shapes import register_shapes
     from tbd.distill.config import DEFAULT_GATE, EMBEDDED_PRETRAINED_GATE
-    from tbd.teachers import distill_config as build_distill_config
 
     _, val = register_shapes(tmp_path, num_train=4, num_val=2)
 
     def gate(weights: str, opts: list[str] | None = None, profile: str = "") -> str:
-        student = load_config("tood_MNV2_FPN")
-        student.MODEL.WEIGHTS = weights
-        student.TBD.PROFILE = profile
-        return build_distill_config(student, "tood_MNV2_FPN_teacher", "", val, opts=opts).DISTILL.GATE
+        return student_distill_cfg(val, weights, opts, profile).DISTILL.GATE
 
     imagenet = "torchvision://mobilenet_v2"
     assert (DEFAULT_GATE, EMBEDDED_PRETRAINED_GATE) == ("none", "harmony")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import student_distill_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
@@ -206,17 +207,11 @@ def test_a_run_resumed_before_the_evaluation_redoes_the_choice(tiny_coco: str, t
 def test_the_rule_is_on_where_it_was_measured_unless_the_user_sets_it(tmp_path: Path) -> None:
     from tbd.data.shapes import register_shapes
     from tbd.distill.config import PRETRAINED_LEAD_HD_WEIGHT, UNMEASURED_LEAD_HD_WEIGHT
-    from tbd.teachers import distill_config as build_distill_config
 
     _, val = register_shapes(tmp_path, num_train=4, num_val=2)  # lazy: only the class names are read
 
     def lead(weights: str, opts: list[str] | None = None, profile: str = "") -> float:
-        student = load_config("tood_MNV2_FPN")
-        student.MODEL.WEIGHTS = weights
-        student.TBD.PROFILE = profile
-        return build_distill_config(
-            student, "tood_MNV2_FPN_teacher", "", val, opts=opts
-        ).DISTILL.LEAD_HD_WEIGHT
+        return student_distill_cfg(val, weights, opts, profile).DISTILL.LEAD_HD_WEIGHT
 
     assert (PRETRAINED_LEAD_HD_WEIGHT, UNMEASURED_LEAD_HD_WEIGHT) == (3.0, 0.0)
     imagenet = "torchvision://mobilenet_v2"

@@ -75,8 +75,8 @@ def split_losses(
     return main, alone
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside (Distributed)DataParallel wrappers."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` / ``DataParallel`` (the model itself otherwise)."""
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
@@ -84,13 +84,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def baseline_of(model: nn.Module) -> nn.Module | None:
     """The baseline student of a (wrapped) distiller, or ``None``."""
-    found = getattr(unwrap(model), "baseline", None)
+    found = getattr(unwrap_model(model), "baseline", None)
     return found if isinstance(found, nn.Module) else None
 
 
 def sync_baseline(model: nn.Module) -> None:
     """Copy the student's weights into the baseline of a (wrapped) distiller; no-op otherwise."""
-    inner = unwrap(model)
+    inner = unwrap_model(model)
     if baseline_of(inner) is not None:
         inner.sync_baseline()
 
@@ -112,14 +112,34 @@ def with_harmony(evaluator: Any, dataset_name: str) -> Any:
 NOT_MEASURED_AP = -1.0
 
 
-def measured_ap(results: Any) -> float | None:
+def measured_ap(results: Mapping[str, Any] | None) -> float | None:
     """The AP of an evaluation for the rule: a model that detected nothing (COCO AP NaN) has AP 0;
     ``None`` when there is no bbox result at all (not evaluated here, e.g. off the main process)."""
-    bbox = (results or {}).get("bbox") if isinstance(results, dict) else None
-    if not bbox or bbox.get("AP") is None:
+    if ((results or {}).get("bbox") or {}).get("AP") is None:
         return None
-    value = float(bbox["AP"])
-    return 0.0 if math.isnan(value) else value
+    return ap_of(results) or 0.0  # ap_of: None for NaN
+
+
+def put_results(storage: Any, prefix: str, results: Mapping[str, Any]) -> None:
+    """Every number of an evaluation's results as a scalar ``prefix + key`` of the ``EventStorage``
+    (``metrics.json``, TensorBoard); nothing for empty results (off the main process)."""
+    if not results:
+        return
+    flat = {prefix + k: float(v) for k, v in flatten_results_dict(dict(results)).items()}
+    storage.put_scalars(**flat, smoothing_hint=False)
+
+
+def is_periodic_evaluation(next_iter: int, period: int, max_iter: int) -> bool:
+    """Whether Detectron2's ``EvalHook`` evaluates after the step that ends at ``next_iter`` (its
+    own test, the last iteration excluded: ``after_train`` evaluates that one)."""
+    return period > 0 and next_iter % period == 0 and next_iter != max_iter
+
+
+def missed_evaluation(start_iter: int, period: int, checked_iter: int) -> bool:
+    """Whether a run resumed at ``start_iter`` starts from the periodic checkpoint written just before
+    the evaluation of iteration ``start_iter - 1``, which the hook's last comparison
+    (``checked_iter``) does not include: the comparison must be redone to resume exactly."""
+    return period > 0 and start_iter > 0 and start_iter % period == 0 and checked_iter != start_iter - 1
 
 
 def evaluate_model(trainer: Any, cfg: CfgNode, model: nn.Module) -> dict[str, Any]:
@@ -147,9 +167,8 @@ def evaluate_teacher(trainer: Any, cfg: CfgNode, distiller: nn.Module, log: bool
     t_cfg.DISTILL.WITH_BASELINE = True  # tbd's evaluators then add the harmony measurements
     t_cfg.OUTPUT_DIR = str(Path(cfg.OUTPUT_DIR) / "teacher_eval")
     results = evaluate_model(trainer, t_cfg, distiller.teacher)
-    if log and results:
-        flat = {TEACHER_PREFIX + k: float(v) for k, v in flatten_results_dict(results).items()}
-        trainer.storage.put_scalars(**flat, smoothing_hint=False)
+    if log:
+        put_results(trainer.storage, TEACHER_PREFIX, results)
     if hasattr(distiller, "lead_ap"):
         ap = comm.all_gather(measured_ap(results))[0]  # the main process evaluated
         distiller.lead_ap.fill_(NOT_MEASURED_AP if ap is None else ap)
@@ -209,16 +228,10 @@ class BaselineHook(HookBase):
 
     # --- evaluation ----------------------------------------------------------------------------
     def _distiller(self) -> nn.Module:
-        return unwrap(self.trainer.model)
+        return unwrap_model(self.trainer.model)
 
     def _evaluate(self, cfg: CfgNode, model: nn.Module) -> dict[str, Any]:
         return evaluate_model(self.trainer, cfg, model)
-
-    def _put(self, prefix: str, results: Mapping[str, Any]) -> None:
-        if not results:
-            return
-        flat = {prefix + k: float(v) for k, v in flatten_results_dict(dict(results)).items()}
-        self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
 
     def before_train(self) -> None:
         distiller = self._distiller()
@@ -232,7 +245,7 @@ class BaselineHook(HookBase):
         scales, redo a comparison the checkpoint does not know about (exact resume)."""
         start = self.trainer.start_iter
         checked = int(distiller.guard_checked_iter) if hasattr(distiller, "guard_checked_iter") else -1
-        if self.guard == "scale" and self._period > 0 and start % self._period == 0 and checked != start - 1:
+        if self.guard == "scale" and missed_evaluation(start, self._period, checked):
             self._compare(start - 1, log=False)
 
     def _compare(self, iteration: int, log: bool = True) -> None:
@@ -249,7 +262,7 @@ class BaselineHook(HookBase):
         alone = self._evaluate(self.cfg, baseline)
         distilled_ap, alone_ap = ap_of(student), ap_of(alone)
         if log:
-            self._put(BASELINE_PREFIX, alone)
+            put_results(self.trainer.storage, BASELINE_PREFIX, alone)
             if distilled_ap is not None and alone_ap is not None:
                 self.trainer.storage.put_scalar(
                     BASELINE_PREFIX + "gain_AP", distilled_ap - alone_ap, smoothing_hint=False
@@ -270,8 +283,7 @@ class BaselineHook(HookBase):
         comm.synchronize()
 
     def after_step(self) -> None:
-        next_iter = self.trainer.iter + 1
-        if self._period > 0 and next_iter % self._period == 0 and next_iter != self.trainer.max_iter:
+        if is_periodic_evaluation(self.trainer.iter + 1, self._period, self.trainer.max_iter):
             self._compare(self.trainer.iter)
 
     def after_train(self) -> None:
@@ -286,18 +298,26 @@ def _console_warning(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def metrics_rows(metrics_json: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.json`` (one JSON object per line); a line cut by a killed writer
+    is skipped, a missing file has none."""
+    path = Path(metrics_json)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def read_last_comparison(metrics_json: str | Path) -> dict[str, Any]:
     """The last baseline evaluation in a run's ``metrics.json``: ``{"bbox": {...}, "harmony_score0.5":
     {...}, ..., "gain_AP": float, "iteration": int}``; ``{}`` when the run has none."""
-    path = Path(metrics_json)
-    if not path.is_file():
-        return {}
     last: dict[str, Any] = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a killed writer
-            continue
+    for row in metrics_rows(metrics_json):
         if BASELINE_PREFIX + "bbox/AP" in row:
             last = row
     if not last:

@@ -27,7 +27,7 @@ from tbd.config_keys import teacher_config  # noqa: F401  (also tbd.distill.dist
 from tbd.ops.boxes import pad_boxes
 
 from .adapters import FeatureAdapters
-from .baseline import BASELINE_PREFIX, RngSnapshot
+from .baseline import BASELINE_PREFIX, RngSnapshot, unwrap_model
 from .config import validate_tbd_config
 from .gate import level_gates, mean_gate
 from .keys import FEATURE_NORMS, GATES, METHODS
@@ -640,13 +640,6 @@ def build_teacher(cfg: CfgNode) -> tuple[nn.Module, str]:
     else:
         load_teacher_weights(teacher, weights)
     return teacher, t_cfg.INPUT.FORMAT
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``DistributedDataParallel`` / ``DataParallel`` (the model itself otherwise)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 def export_student(model: nn.Module, path: str | os.PathLike, cfg: CfgNode | None = None) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 from detectron2.config import CfgNode
 from detectron2.engine import HookBase
 
-from .baseline import BaselineHook, baseline_of, unwrap
+from .baseline import BaselineHook, baseline_of, unwrap_model
 from .lead import TeacherLeadHook
 
 
@@ -35,7 +35,7 @@ def insert_distill_hooks(trainer: Any, hooks: list[HookBase], cfg: CfgNode) -> l
     extra: list[HookBase] = []
     if baseline_of(trainer.model) is not None:
         extra.append(BaselineHook(cfg, cfg.TEST.EVAL_PERIOD))
-    if hasattr(unwrap(trainer.model), "hd_alpha") and cfg.TEST.EVAL_PERIOD > 0 and cfg.DATASETS.TEST:
+    if hasattr(unwrap_model(trainer.model), "hd_alpha") and cfg.TEST.EVAL_PERIOD > 0 and cfg.DATASETS.TEST:
         extra.append(TeacherLeadHook(cfg, cfg.TEST.EVAL_PERIOD))
     if not extra:
         return hooks

@@ -26,7 +26,14 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from torch import nn
 
-from .baseline import evaluate_model, evaluate_teacher, measured_ap, unwrap
+from .baseline import (
+    evaluate_model,
+    evaluate_teacher,
+    is_periodic_evaluation,
+    measured_ap,
+    missed_evaluation,
+    unwrap_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +86,14 @@ class TeacherLeadHook(HookBase):
         self.margin = float(cfg.DISTILL.LEAD_MARGIN)
 
     def _distiller(self) -> nn.Module:
-        return unwrap(self.trainer.model)
+        return unwrap_model(self.trainer.model)
 
     def before_train(self) -> None:
         distiller = self._distiller()
         if _teacher_ap(distiller.lead_ap) is None:  # a fresh run, unless the BaselineHook measured it
             evaluate_teacher(self.trainer, self.cfg, distiller, log=self.trainer.start_iter == 0)
         start = self.trainer.start_iter
-        checked = int(distiller.lead_checked_iter)
-        if start > 0 and self._period > 0 and start % self._period == 0 and checked != start - 1:
-            # the checkpoint was written just before this iteration's evaluation: redo its choice
+        if missed_evaluation(start, self._period, int(distiller.lead_checked_iter)):
             self._decide(start - 1, evaluate_model(self.trainer, self.cfg, distiller))
 
     def _decide(self, iteration: int, student_results: Any) -> None:
@@ -105,8 +110,7 @@ class TeacherLeadHook(HookBase):
             logger.info(lead_message(iteration, teacher_ap, student_ap, previous, alpha, self.margin))
 
     def after_step(self) -> None:
-        next_iter = self.trainer.iter + 1
-        if self._period > 0 and next_iter % self._period == 0 and next_iter != self.trainer.max_iter:
+        if is_periodic_evaluation(self.trainer.iter + 1, self._period, self.trainer.max_iter):
             self._decide(self.trainer.iter, getattr(self.trainer, "_last_eval_results", None) or {})
 
 
