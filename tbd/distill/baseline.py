@@ -288,7 +288,9 @@ class BaselineHook(HookBase):
 
     def after_train(self) -> None:
         if self.trainer.iter + 1 >= self.trainer.max_iter:
-            self._compare(self.trainer.iter)
+            # Detectron2 leaves trainer.iter at max_iter after the loop: the final evaluation is
+            # that of the last iteration, max_iter - 1 (0-based)
+            self._compare(self.trainer.max_iter - 1)
 
 
 def _console_warning(message: str) -> None:
