@@ -35,8 +35,9 @@ SCRATCH_TFD_WEIGHT = 0.4
 #: DISTILL.LEAD_HD_WEIGHT's default (measured on real data: docs/BENCHMARKS.md §1h; with a teacher
 #: behind the student it never applies, so that teacher's gain is kept to the last digit)
 PRETRAINED_LEAD_HD_WEIGHT = 3.0
-#: DISTILL.LEAD_HD_WEIGHT where the rule was not measured (the embedded profile, students from
-#: scratch), set by tbd distill when the key is untouched: off, alpha stays DISTILL.HD_WEIGHT
+#: DISTILL.LEAD_HD_WEIGHT on the embedded profile (measured there: it hurt, docs/BENCHMARKS.md §1i: an
+#: early evaluation finds every teacher ahead of a student that will pass it) and for students from
+#: scratch (not measured), set by tbd distill when the key is untouched: off, alpha stays HD_WEIGHT
 UNMEASURED_LEAD_HD_WEIGHT = 0.0
 #: DISTILL.GATE's default: the paper's ungated TBD, measured with PRETRAINED_TFD_WEIGHT on real data
 #: (docs/BENCHMARKS.md §1f) and for students from scratch (§1)
