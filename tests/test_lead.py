@@ -169,16 +169,18 @@ def test_a_trailing_teacher_leaves_the_run_as_it_was_and_a_leading_one_raises_al
     assert any("teacher/bbox/AP" in r for r in rows)
     assert alpha_history(tmp_path / "trailing" / "metrics.json") == [(1, 1.0)]  # read back for summary.json
 
-    # a teacher far ahead (its AP set as if evaluated at 90): alpha 3 from the step after the evaluation
-    leading = _trainer(_cfg(tiny_coco, tmp_path / "leading", lead=3.0), teacher_ap=90.0)
+    # a teacher far ahead (its AP set as if evaluated at 90): alpha 3 from the step after the first
+    # evaluation; two evaluations (iterations 2 and 4 of 6) within one of Detectron2's 20-iteration
+    # writer windows, and metrics.json (so summary.json) has both choices
+    leading = _trainer(_cfg(tiny_coco, tmp_path / "leading", lead=3.0, iters=6), teacher_ap=90.0)
     leading.train()
-    assert _history(leading, "tbd/hd_weight") == [3.0] and float(leading.model.hd_alpha) == 3.0
-    assert alpha_history(tmp_path / "leading" / "metrics.json") == [(1, 3.0)]
+    assert _history(leading, "tbd/hd_weight") == [3.0, 3.0] and float(leading.model.hd_alpha) == 3.0
+    assert alpha_history(tmp_path / "leading" / "metrics.json") == [(1, 3.0), (3, 3.0)]
     hd = _history(leading, "tbd/hd")
     weighted = _history(leading, "loss_hd")
     ratios = [w / h for w, h in zip(weighted, hd)]
     assert ratios[:2] == pytest.approx([1.0, 1.0], rel=1e-5) and ratios[2:] == pytest.approx(
-        [3.0, 3.0], rel=1e-5
+        [3.0] * 4, rel=1e-5
     )
     c = _student(leading)
     assert not all(torch.equal(a[k], c[k]) for k in a)  # and it changed the training

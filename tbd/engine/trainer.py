@@ -285,6 +285,20 @@ class _ModelRunningState(HookBase):
                     setattr(targets[name], key, value)
 
 
+def write_every_evaluation(hooks: list[HookBase], eval_period: int) -> None:
+    """Make Detectron2's ``PeriodicWriter`` write at least once per evaluation period; in place.
+
+    Its writers keep only the latest value of a scalar between two writes (every 20 iterations), so
+    with evaluations more frequent than that every evaluation but the last of each window (its AP, the
+    baseline comparison, the teacher-lead rule's α) would be missing from ``metrics.json``.
+    """
+    from detectron2.engine.hooks import PeriodicWriter
+
+    for hook in hooks:
+        if isinstance(hook, PeriodicWriter) and 0 < eval_period < hook._period:
+            hook._period = int(eval_period)
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with atomic checkpoints, NaN guards, exact resume and rich progress."""
 
@@ -368,6 +382,7 @@ class Trainer(DefaultTrainer):
             self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         built = insert_distill_hooks(self, super().build_hooks(), cfg)
+        write_every_evaluation(built, cfg.TEST.EVAL_PERIOD)
         self._stop_hook = _StopOnSignal(self.checkpointer)
         extra: list[HookBase] = [self._stop_hook, _ModelRunningState(self._trainer.model)]
         if self._show_progress and comm.is_main_process():
