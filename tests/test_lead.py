@@ -208,14 +208,14 @@ def test_a_run_resumed_before_the_evaluation_redoes_the_choice(tiny_coco: str, t
 
 def test_the_rule_is_on_where_it_was_measured_unless_the_user_sets_it(tmp_path: Path) -> None:
     from tbd.data.shapes import register_shapes
-    from tbd.distill.config import PRETRAINED_LEAD_HD_WEIGHT, UNMEASURED_LEAD_HD_WEIGHT
+    from tbd.distill.config import LEAD_RULE_OFF, PRETRAINED_LEAD_HD_WEIGHT
 
     _, val = register_shapes(tmp_path, num_train=4, num_val=2)  # lazy: only the class names are read
 
     def lead(weights: str, opts: list[str] | None = None, profile: str = "") -> float:
         return student_distill_cfg(val, weights, opts, profile).DISTILL.LEAD_HD_WEIGHT
 
-    assert (PRETRAINED_LEAD_HD_WEIGHT, UNMEASURED_LEAD_HD_WEIGHT) == (3.0, 0.0)
+    assert (PRETRAINED_LEAD_HD_WEIGHT, LEAD_RULE_OFF) == (3.0, 0.0)
     imagenet = "torchvision://mobilenet_v2"
     # measured for an ImageNet student in Detectron2's setting (BENCHMARKS.md §1h): on there, and in
     # a train_net.py (the config's own default)

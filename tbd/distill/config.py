@@ -35,10 +35,11 @@ SCRATCH_TFD_WEIGHT = 0.4
 #: DISTILL.LEAD_HD_WEIGHT's default (measured on real data: docs/BENCHMARKS.md §1h; with a teacher
 #: behind the student it never applies, so that teacher's gain is kept to the last digit)
 PRETRAINED_LEAD_HD_WEIGHT = 3.0
-#: DISTILL.LEAD_HD_WEIGHT on the embedded profile (measured there: it hurt, docs/BENCHMARKS.md §1i: an
-#: early evaluation finds every teacher ahead of a student that will pass it) and for students from
-#: scratch (not measured), set by tbd distill when the key is untouched: off, alpha stays HD_WEIGHT
-UNMEASURED_LEAD_HD_WEIGHT = 0.0
+#: DISTILL.LEAD_HD_WEIGHT that turns the teacher-lead rule off (alpha stays HD_WEIGHT), set by tbd
+#: distill when the key is untouched on the embedded profile (measured there: it hurt, docs/BENCHMARKS.md
+#: §1i: an early evaluation finds every teacher ahead of a student that will pass it) and for students
+#: from scratch (not measured)
+LEAD_RULE_OFF = 0.0
 #: DISTILL.GATE's default: the paper's ungated TBD, measured with PRETRAINED_TFD_WEIGHT on real data
 #: (docs/BENCHMARKS.md §1f) and for students from scratch (§1)
 DEFAULT_GATE = "none"
@@ -64,14 +65,14 @@ def student_defaults(cfg: CN) -> None:
     """The settings measured for the student's setting, where a key still holds its default: β
     (:func:`student_tfd_weight`); for a pretrained student on the embedded profile, the gate
     (:data:`EMBEDDED_PRETRAINED_GATE`); the teacher-lead rule only where it was measured (a
-    pretrained student in Detectron2's setting; :data:`UNMEASURED_LEAD_HD_WEIGHT` elsewhere). A value
+    pretrained student in Detectron2's setting; off (:data:`LEAD_RULE_OFF`) elsewhere). A value
     set by the user is kept (apply the user's overrides after this)."""
     student_tfd_weight(cfg)
     embedded = _profile(cfg) == "embedded"
     if cfg.MODEL.WEIGHTS and embedded and cfg.DISTILL.GATE == DEFAULT_GATE:
         cfg.DISTILL.GATE = EMBEDDED_PRETRAINED_GATE
     if (not cfg.MODEL.WEIGHTS or embedded) and cfg.DISTILL.LEAD_HD_WEIGHT == PRETRAINED_LEAD_HD_WEIGHT:
-        cfg.DISTILL.LEAD_HD_WEIGHT = UNMEASURED_LEAD_HD_WEIGHT
+        cfg.DISTILL.LEAD_HD_WEIGHT = LEAD_RULE_OFF
 
 
 def _profile(cfg: CN) -> str:
