@@ -210,7 +210,10 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
             row["note"] = note
             console.print(f"-: {name}: {note}", soft_wrap=True)
     level, note = gain_note(
-        rows["student"].get("bbox", {}), alone["bbox"] if alone else None, cfg.DISTILL.BASELINE_MARGIN
+        rows["student"].get("bbox", {}),
+        alone["bbox"] if alone else None,
+        cfg.DISTILL.BASELINE_MARGIN,
+        rows["teacher"].get("bbox"),
     )
     console.print(f"[yellow]warning:[/] {note}" if level == "warning" else f"{note}", soft_wrap=True)
     alphas = alpha_history(Path(cfg.OUTPUT_DIR) / "metrics.json")

@@ -172,6 +172,27 @@ def test_split_losses_and_the_comparison_rules() -> None:
     assert level == "note" and "unknown" in text and "--with-baseline" in text
 
 
+def test_the_end_note_says_when_the_student_alone_passed_the_teacher() -> None:
+    """§1j's runs: the student alone (60.7 AP) ends above the teacher at its input (51.3 AP)."""
+    passed = "The student trained alone (60.7 AP) ended above the teacher at the student's input (51.3 AP)"
+    level, text = gain_note({"AP": 59.9}, {"AP": 60.7}, 0.5, {"AP": 51.3})
+    assert level == "warning" and "cost the student 0.8 AP" in text and passed in text
+    assert "ahead of 60.7 AP" in text
+    level, text = gain_note({"AP": 60.9}, {"AP": 60.7}, 0.5, {"AP": 51.3})
+    assert level == "note" and "within the margin of +0.2 AP" in text and passed in text
+    # keyed on the student alone, not the distilled one: a distilled student below the teacher
+    level, text = gain_note({"AP": 50.0}, {"AP": 60.7}, 0.5, {"AP": 51.3})
+    assert passed in text
+    # no hint when the teacher is ahead of the student alone, when distillation gained, or unknown
+    for distilled, alone, teacher in [(60.9, 60.7, 68.0), (63.0, 60.7, 51.3), (60.9, 60.7, None)]:
+        level, text = gain_note({"AP": distilled}, {"AP": alone}, 0.5, {"AP": teacher})
+        assert "ended above the teacher" not in text, (distilled, alone, teacher)
+    assert "ended above the teacher" not in gain_note({"AP": 60.9}, {"AP": 60.7}, 0.5)[1]
+    assert (
+        "ended above the teacher" not in gain_note({"AP": 60.9}, {"AP": 60.7}, 0.5, {"AP": float("nan")})[1]
+    )
+
+
 @pytest.fixture(scope="module")
 def trained_student(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A RetinaNet R-18 trained alone on tiny COCO to a clearly non-zero AP (about 26 after 60 steps)."""

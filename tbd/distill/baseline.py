@@ -337,11 +337,17 @@ def read_last_comparison(metrics_json: str | Path) -> dict[str, Any]:
 
 
 def gain_note(
-    distilled: Mapping[str, Any], alone: Mapping[str, Any] | None, margin: float
+    distilled: Mapping[str, Any],
+    alone: Mapping[str, Any] | None,
+    margin: float,
+    teacher: Mapping[str, Any] | None = None,
 ) -> tuple[str, str]:
     """``(level, text)`` of the end-of-run comparison; level is ``"warning"`` or ``"note"``.
 
+    ``distilled``, ``alone`` and ``teacher`` are COCO ``bbox`` results, all at the student's input.
     Without ``alone`` (no ``--with-baseline``) the gain is unknown and the note says how to measure it.
+    When distillation gained no more than ``margin`` and the student alone ended above the teacher,
+    the note says so (:func:`passed_teacher_hint`).
     """
     if not alone:
         return (
@@ -355,15 +361,30 @@ def gain_note(
     if d is None or a is None:
         return "note", "the gain of distillation cannot be measured here: a student detected nothing (AP NaN)"
     gain = d - a
+    hint = passed_teacher_hint(a, ap_of({"bbox": teacher}) if teacher else None) if gain <= margin else ""
     if is_behind(d, a, margin):
         return (
             "warning",
             f"distillation cost the student {-gain:.1f} AP ({d:.1f} distilled vs {a:.1f} trained alone, "
             f"margin {margin:g}): the distillation terms fight its own task. Use a stronger teacher, "
-            "smaller distillation weights, DISTILL.GATE, or the student trained alone",
+            f"smaller distillation weights, DISTILL.GATE, or the student trained alone{hint}",
         )
     verdict = "gained" if gain > margin else "within the margin of"
     return (
         "note",
-        f"distillation {verdict} {gain:+.1f} AP over the student trained alone ({d:.1f} vs {a:.1f})",
+        f"distillation {verdict} {gain:+.1f} AP over the student trained alone ({d:.1f} vs {a:.1f}){hint}",
+    )
+
+
+def passed_teacher_hint(alone_ap: float, teacher_ap: float | None) -> str:
+    """A sentence for the end-of-run note when the student trained alone ended above the teacher's AP
+    at the student's input ("" otherwise): such a teacher was measured to be worth about nothing at
+    the end of a schedule (docs/BENCHMARKS.md §1j, §1k)."""
+    if teacher_ap is None or alone_ap <= teacher_ap:
+        return ""
+    return (
+        f". The student trained alone ({alone_ap:.1f} AP) ended above the teacher at the student's input "
+        f"({teacher_ap:.1f} AP): a teacher the student passes on its own was measured to give about nothing "
+        "at the end of a schedule (docs/BENCHMARKS.md §1j). For a gain there, distil from a teacher ahead "
+        f"of {alone_ap:.1f} AP at this input (§1k); the gains at each evaluation are in metrics.json"
     )
