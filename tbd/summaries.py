@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from detectron2.config import CfgNode
 
@@ -129,13 +129,24 @@ def gain_of(distilled: dict[str, Any], alone: dict[str, Any]) -> dict[str, float
     }
 
 
+def end_note(rows: Mapping[str, Mapping[str, Any]], margin: float) -> tuple[str, str]:
+    """``(level, text)`` of the end-of-run comparison (:func:`tbd.distill.baseline.gain_note`) from the
+    final table's rows, all at the student's input: the distilled student, the student alone (absent
+    without ``--with-baseline``) and the teacher."""
+    from tbd.distill.baseline import gain_note
+
+    alone = rows.get("student_alone")
+    return gain_note(
+        rows["student"].get("bbox", {}), alone["bbox"] if alone else None, margin, rows["teacher"].get("bbox")
+    )
+
+
 def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str, Any]) -> dict[str, Any]:
     """Teacher AP, student AP and the harmonious-prediction ratios: printed and returned."""
     from detectron2.modeling import build_model
     from rich.table import Table
 
     from tbd.describe import describe
-    from tbd.distill.baseline import gain_note
     from tbd.export import load_student_state, student_cfg
     from tbd.jsonio import fmt_metric, undefined_metrics_note
 
@@ -209,12 +220,7 @@ def summarize(cfg: CfgNode, args: argparse.Namespace, student_results: dict[str,
         if note:
             row["note"] = note
             console.print(f"-: {name}: {note}", soft_wrap=True)
-    level, note = gain_note(
-        rows["student"].get("bbox", {}),
-        alone["bbox"] if alone else None,
-        cfg.DISTILL.BASELINE_MARGIN,
-        rows["teacher"].get("bbox"),
-    )
+    level, note = end_note(rows, cfg.DISTILL.BASELINE_MARGIN)
     console.print(f"[yellow]warning:[/] {note}" if level == "warning" else f"{note}", soft_wrap=True)
     alphas = alpha_history(Path(cfg.OUTPUT_DIR) / "metrics.json")
     if cfg.DISTILL.LEAD_HD_WEIGHT > 0 and cfg.DISTILL.HD_WEIGHT > 0 and cfg.DISTILL.METHOD == "tbd":

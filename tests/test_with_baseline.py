@@ -192,6 +192,25 @@ def test_the_end_note_says_when_the_student_alone_passed_the_teacher() -> None:
     )
 
 
+def test_the_final_table_feeds_the_end_note_the_teacher_at_the_students_input() -> None:
+    """tbd distill's end note reads the teacher row (at the student's input), not its own-input row."""
+    from tbd.summaries import end_note
+
+    rows = {
+        "teacher": {"bbox": {"AP": 51.3}},
+        "teacher_own_input": {"bbox": {"AP": 65.7}},
+        "student_alone": {"bbox": {"AP": 60.7}},
+        "student": {"bbox": {"AP": 59.9}},
+    }
+    level, text = end_note(rows, 0.5)
+    assert level == "warning" and "cost the student 0.8 AP (59.9 distilled vs 60.7 trained alone" in text
+    assert (
+        "The student trained alone (60.7 AP) ended above the teacher at the student's input (51.3 AP)" in text
+    )
+    level, text = end_note({k: v for k, v in rows.items() if k != "student_alone"}, 0.5)
+    assert level == "note" and "unknown" in text
+
+
 @pytest.fixture(scope="module")
 def trained_student(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A RetinaNet R-18 trained alone on tiny COCO to a clearly non-zero AP (about 26 after 60 steps)."""

@@ -361,7 +361,7 @@ def gain_note(
     if d is None or a is None:
         return "note", "the gain of distillation cannot be measured here: a student detected nothing (AP NaN)"
     gain = d - a
-    hint = passed_teacher_hint(a, ap_of({"bbox": teacher}) if teacher else None) if gain <= margin else ""
+    hint = passed_teacher_hint(a, ap_of({"bbox": teacher})) if gain <= margin else ""
     if is_behind(d, a, margin):
         return (
             "warning",
