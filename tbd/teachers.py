@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -108,6 +109,7 @@ def train_teacher_here(
     final = out / "model_final.pth"
     if final.is_file():
         console.print(f"teacher [bold]{spec.name}[/]: using the cached checkpoint {final}")
+        prune_periodic_checkpoints(out)  # a cache from a tbd version that kept them
         return str(final)
     earlier = equivalent_cached_teacher(out, cfg)
     if earlier is not None:
@@ -135,7 +137,24 @@ def train_teacher_here(
     fit(cfg, targs)
     if not final.is_file():
         raise UsageError(f"training the teacher did not produce {final}; see {out / 'log.txt'}")
+    prune_periodic_checkpoints(out)
     return str(final)
+
+
+def prune_periodic_checkpoints(out: Path) -> list[Path]:
+    """Deletes a finished cached teacher's periodic checkpoints (``model_<7 digits>.pth``), which
+    only served its resume: the cache then holds one checkpoint per teacher, not one per
+    ``SOLVER.CHECKPOINT_PERIOD``. Only in tbd's own cache folder, only once ``model_final.pth`` is
+    there and ``last_checkpoint`` names it. Returns what it deleted."""
+    pointer = out / "last_checkpoint"
+    if pointer.is_file() and pointer.read_text().strip() != "model_final.pth":
+        return []
+    if not (out / "model_final.pth").is_file():
+        return []
+    gone = sorted(p for p in out.glob("model_*.pth") if re.fullmatch(r"model_\d{7}\.pth", p.name))
+    for path in gone:
+        path.unlink(missing_ok=True)  # another process of the same launch may have been first
+    return gone
 
 
 def _check_cached_teacher_resume(out: Path, cfg: CfgNode) -> None:

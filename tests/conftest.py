@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +29,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+_MODULE_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    report = yield
+    module = item.getparent(pytest.Module)
+    if report.failed and module is not None:
+        module.stash[_MODULE_FAILED] = True
+    return report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clear_module_folders(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Deletes the folders a module's fixtures made with ``tmp_path_factory`` once the module is done.
+
+    Function-level ``tmp_path`` folders go by ``tmp_path_retention_policy``; module fixtures' folders
+    (trained runs, caches) would otherwise stay until the next session and fill a small CI disk.
+    A module with a failed test keeps its folders for inspection.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    if request.node.stash.get(_MODULE_FAILED, False):
+        return
+    for path in set(base.iterdir()) - before:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def write_tiny_coco(root: Path, num_images: int = 8, size: int = 64, seed: int = 0) -> tuple[Path, Path]:

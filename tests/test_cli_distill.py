@@ -49,6 +49,8 @@ def test_distill_trains_teacher_then_student_and_summarises(distilled: Path) -> 
     assert summary["distill"]["method"] == "tbd" and summary["distill"]["feature_norm"] == "teacher_energy"
     teachers = list((distilled / "cache").iterdir())
     assert len(teachers) == 1 and (teachers[0] / "model_final.pth").is_file()
+    # the 2-iteration teacher wrote a periodic checkpoint at iteration 1; the cache keeps the final one
+    assert sorted(p.name for p in teachers[0].glob("*.pth")) == ["model_final.pth"]
     metrics = (run / "metrics.json").read_text()
     assert "loss_hd" in metrics and "loss_tfd" in metrics
     # config.yaml records the embedded data this run really used (--num-train/val-images)
