@@ -14,7 +14,10 @@ gate mode it reports the mean gate g (METHODS.md §1.7):
 
 and, at the teacher's objects, both models' mean p_c, p_r, harmony score HS and quality
 q = sqrt(p_c p_r): a gate that closes there early in training keeps the teacher from the places it
-knows best.
+knows best. Where TFD's two masks look (``masks``, ungated, pooled over every location probed):
+the share of each mask's weight at the teacher's objects and where the teacher sees no object
+(p_c^t < ``--score``), and the overlap of the two masks normalised to sum 1 (sum of the smaller
+weight: 1 = the same locations, 0 = disjoint).
 
     .venv/bin/python scripts/gate_probe.py --run runs/demo
     .venv/bin/python scripts/gate_probe.py --run runs/demo --weights runs/demo/model_final.pth --json g.json
@@ -89,6 +92,17 @@ def summarise(
             for mode, g in gates.items()
         },
     }
+    masks = {"tfd_cls": t["p_c"], "tfd_reg": t["p_r"]}
+    out["masks"] = {
+        name: {
+            "at_teacher_objects": weighted(objects.float(), w),
+            "where_teacher_sees_no_object": weighted((t["p_c"] < score).float(), w),
+        }
+        for name, w in masks.items()
+    }
+    if all(float(w.sum()) > 0 for w in masks.values()):
+        w_c, w_r = (w / w.sum() for w in masks.values())
+        out["masks"]["overlap"] = float(torch.minimum(w_c, w_r).sum())
     if bool(objects.any()):
         out["at_teacher_objects"] = {
             who: {k: float(v[objects].mean()) for k, v in maps.items()}
@@ -136,6 +150,13 @@ def print_table(result: dict[str, Any]) -> None:
     for mode, g in result["gate"].items():
         table.add_row(mode, fmt(g["all"]), fmt(g["teacher_objects"]), fmt(g["tfd_cls"]), fmt(g["tfd_reg"]))
     console.print(table)
+    m = result["masks"]
+    where = Table(title=f"where TFD's masks put their weight (overlap {fmt(m.get('overlap'))})")
+    for col in ("mask", "at the teacher's objects", f"where p_c^t < {result['score']}"):
+        where.add_column(col, justify="left" if col == "mask" else "right")
+    for name in ("tfd_cls", "tfd_reg"):
+        where.add_row(name, fmt(m[name]["at_teacher_objects"]), fmt(m[name]["where_teacher_sees_no_object"]))
+    console.print(where)
     at = result.get("at_teacher_objects")
     if at:
         maps = Table(title=f"at the teacher's objects ({result['teacher_objects']} of {result['locations']})")

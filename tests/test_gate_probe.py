@@ -51,6 +51,11 @@ def test_summary_by_hand() -> None:
     assert g["iou"]["tfd_reg"] == pytest.approx(0.9 / 1.1, abs=1e-6)
     at = out["at_teacher_objects"]
     assert at["teacher"]["p_c"] == pytest.approx(0.6) and at["student"]["p_r"] == pytest.approx(0.1)
+    # where the masks look: cls (0.6, 0.01) / 0.61, reg (0.9, 0.2) / 1.1; location 1 has p_c^t < 0.3
+    m = out["masks"]
+    assert m["tfd_cls"]["at_teacher_objects"] == pytest.approx(0.6 / 0.61, abs=1e-6)
+    assert m["tfd_reg"]["where_teacher_sees_no_object"] == pytest.approx(0.2 / 1.1, abs=1e-6)
+    assert m["overlap"] == pytest.approx(0.9 / 1.1 + 0.01 / 0.61, abs=1e-6)
     # teacher and student swapped: every ramp gate g becomes 1 - g
     swapped = gate_probe.summarise(student, teacher, margin=0.05, score=0.0)["gate"]
     for mode in g:
