@@ -260,3 +260,21 @@ def test_redirected_output_is_not_folded_at_80_columns(columns: str | None, widt
     code = "from tbd.cli.common import console; print(console.width)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout.split()[-1]) == width
+
+
+def test_pruning_a_cached_teacher_deletes_only_its_periodic_checkpoints(tmp_path: Path) -> None:
+    from tbd.teachers import prune_periodic_checkpoints
+
+    for name in ("model_0000499.pth", "model_0000999.pth", "model_final.pth", "model_best.pth", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "last_checkpoint").write_text("model_0000999.pth")
+    assert prune_periodic_checkpoints(tmp_path) == []  # unfinished: the pointer names a periodic one
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    gone = prune_periodic_checkpoints(tmp_path)
+    assert [p.name for p in gone] == ["model_0000499.pth", "model_0000999.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "last_checkpoint", "model_best.pth", "model_final.pth", "notes.txt"
+    ]  # fmt: skip
+    (tmp_path / "model_final.pth").unlink()
+    (tmp_path / "model_0001499.pth").write_text("x")
+    assert prune_periodic_checkpoints(tmp_path) == []  # no final checkpoint: nothing is deleted
