@@ -239,6 +239,7 @@ def test_resume_extending_iters_is_bit_exact(capsys, tmp_path, data) -> None:
     a = torch.load(short / "model_final.pth", map_location="cpu", weights_only=False)
     b = torch.load(straight / "model_final.pth", map_location="cpu", weights_only=False)
     assert a["iteration"] == b["iteration"] == 3
+    assert "another machine" not in msg  # resumed where it started: no warning
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
@@ -247,6 +248,21 @@ def test_resume_extending_iters_is_bit_exact(capsys, tmp_path, data) -> None:
     code, msg = _cli(capsys, ["train", "--resume", "-o", str(short), "DATALOADER.NUM_WORKERS", "0"])
     assert code == 0, msg
     assert json.loads((short / RUN_RECORD).read_text())["args"]["iters"] == 4
+
+
+def test_resume_on_another_machine_warns_and_records_the_new_one(capsys, tmp_path, data) -> None:
+    out = tmp_path / "run"
+    assert _train(capsys, data, out, opts=tuple(_FLAT_LR))[0] == 0
+    record = json.loads((out / RUN_RECORD).read_text())
+    here = record["environment"]
+    assert here["cpu"] and here["torch"] == torch.__version__ and here["threads"] == torch.get_num_threads()
+    record["environment"] = {**here, "cpu": "Elsewhere CPU (cpu family 1)", "python": "2.7"}
+    (out / RUN_RECORD).write_text(json.dumps(record))
+    code, msg = _cli(capsys, ["train", "--resume", "--iters", "3", "-o", str(out)])
+    assert code == 0, msg
+    assert "another machine" in msg and "Elsewhere CPU (cpu family 1) then" in msg
+    assert "2.7" not in msg  # the Python version does not change the numbers
+    assert json.loads((out / RUN_RECORD).read_text())["environment"] == here  # the record now: here
 
 
 # ------------------------------------------------------------------------------ strict JSON

@@ -69,12 +69,14 @@ def _recordable(value: Any) -> bool:
 def write_run_record(out: Path, args: argparse.Namespace, command: str) -> None:
     """``out/tbd_run.json``: tbd's version, the command and its arguments (all of them, defaults too)."""
     from tbd.engine.checkpoint import atomic_write_text
+    from tbd.engine.environment import describe_environment
 
     record = {
         "tool": "tbd",
         "version": tbd.__version__,
         "command": command,
         "written": datetime.datetime.now().isoformat(timespec="seconds"),
+        "environment": describe_environment(str(getattr(args, "device", "cpu"))),
         "args": {
             k: list(v) if isinstance(v, tuple) else v
             for k, v in sorted(vars(args).items())
@@ -116,7 +118,30 @@ def restore_args(args: argparse.Namespace, folder: Path) -> bool:
                 args.opts = [*value, *[o for o in args.opts if o != "--"]]
             continue
         setattr(args, key, value)
+    warning = machine_change_warning(record, str(getattr(args, "device", "cpu")))
+    if warning:
+        from tbd.ui import console
+
+        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     return True
+
+
+def machine_change_warning(record: dict[str, Any], device: str) -> str | None:
+    """What differs between the machine that started a run and this one, for ``--resume``; ``None``
+    when nothing that changes the numbers does (or the record predates the description)."""
+    from tbd.engine.environment import describe_differences, describe_environment, numeric_differences
+
+    stored = record.get("environment")
+    if not isinstance(stored, dict):
+        return None
+    diffs = numeric_differences(stored, describe_environment(device))
+    if not diffs:
+        return None
+    return (
+        f"--resume: this run started on another machine or software ({describe_differences(diffs)}). "
+        "It continues, but not bit for bit as it would have there, so compare its AP only with runs "
+        "made here (the same command and seed gave 13.6 and 14.7 AP on two CPUs: docs/BENCHMARKS.md §1o)"
+    )
 
 
 def resume_config(out: Path, cfg: CfgNode, args: argparse.Namespace, recorded: bool) -> CfgNode:
