@@ -41,9 +41,10 @@ def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 def _version(module: str) -> str | None:
     """The imported module's ``__version__`` (Detectron2's distribution name varies with its build)."""
     try:
-        return str(getattr(importlib.import_module(module), "__version__", None) or "") or None
+        version = getattr(importlib.import_module(module), "__version__", None)
     except ImportError:
         return None
+    return str(version) if version else None
 
 
 def describe_environment(device: str = "cpu") -> dict[str, Any]:
